@@ -1,0 +1,103 @@
+"""`sts demo | data synth | train | eval | pretrain-base`."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+
+def cmd_data(args) -> None:
+    from sts.data.synth import generate
+
+    paths = generate(args.out, args.train, args.test, args.seed)
+    print(f"wrote {paths['train']} ({args.train} records), {paths['test']} ({args.test} records)")
+
+
+def cmd_train(args) -> None:
+    from sts.config import load_recipe
+    from sts.train import run_recipe
+
+    result = run_recipe(load_recipe(args.config, args.overrides))
+    print(f"trained {len(result['stages'])} stage(s) in {result['train_seconds']:.1f}s; model: {result['model_dir']}")
+
+
+def cmd_eval(args) -> None:
+    from sts.evaluate import evaluate, format_table, write_json
+
+    result = evaluate(args.model, args.data, args.images, batch_size=args.batch_size, limit=args.limit)
+    print(format_table(result))
+    if args.json:
+        write_json(result, args.json)
+
+
+def cmd_demo(args) -> None:
+    from sts.demo import run_demo
+
+    run_demo(args.out, train=args.train, test=args.test, seed=args.seed)
+
+
+def cmd_pretrain_base(args) -> None:
+    from sts.pretrain import pretrain_base
+
+    pretrain_base(args.out, records=args.records, vision_steps=args.vision_steps,
+                  language_steps=args.language_steps, seed=args.seed)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="sts", description="Sparse Training Scheme for multimodal LLMs")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    demo = commands.add_parser("demo", help="synthetic data -> train the tiny LLaVA -> evaluate, in minutes on a CPU")
+    demo.add_argument("--out", default="runs/demo", help="folder for data, models, figures and results.json")
+    demo.add_argument("--train", type=int, default=4000, help="training images (one conversation each)")
+    demo.add_argument("--test", type=int, default=300, help="test images (five questions each)")
+    demo.add_argument("--seed", type=int, default=0)
+    demo.set_defaults(run=cmd_demo)
+
+    data = commands.add_parser("data", help="datasets").add_subparsers(dest="data_command", required=True)
+    synth = data.add_parser("synth", help="write a Sort-of-CLEVR-style VQA set in the LLaVA format")
+    synth.add_argument("--out", required=True)
+    synth.add_argument("--train", type=int, default=4000)
+    synth.add_argument("--test", type=int, default=300)
+    synth.add_argument("--seed", type=int, default=0)
+    synth.set_defaults(run=cmd_data)
+
+    train = commands.add_parser("train", help="run a recipe of stages")
+    train.add_argument("config", help="a YAML recipe, or a shipped recipe's name (e.g. demo)")
+    train.add_argument("overrides", nargs="*", help="key=value, e.g. stages.0.learning_rate=1e-3")
+    train.set_defaults(run=cmd_train)
+
+    evaluate = commands.add_parser("eval", help="exact-match VQA accuracy of a saved model")
+    evaluate.add_argument("--model", required=True)
+    evaluate.add_argument("--data", required=True, help="a LLaVA-format JSON test file")
+    evaluate.add_argument("--images", help="image folder; defaults to the JSON file's folder")
+    evaluate.add_argument("--json", help="also write the result here")
+    evaluate.add_argument("--batch-size", type=int, default=64)
+    evaluate.add_argument("--limit", type=int, help="only the first N records")
+    evaluate.set_defaults(run=cmd_eval)
+
+    pretrain = commands.add_parser("pretrain-base", help="re-create the tiny model's shipped base weights")
+    pretrain.add_argument("--out", default="runs/pretrain-base")
+    pretrain.add_argument("--records", type=int, default=20000)
+    pretrain.add_argument("--vision-steps", type=int, default=400)
+    pretrain.add_argument("--language-steps", type=int, default=3000)
+    pretrain.add_argument("--seed", type=int, default=1234)
+    pretrain.set_defaults(run=cmd_pretrain_base)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    from sts.config import ConfigError
+
+    try:
+        args.run(args)
+    except (ConfigError, FileNotFoundError) as error:
+        print(f"sts: error: {error}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

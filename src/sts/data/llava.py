@@ -1,0 +1,132 @@
+"""LLaVA-format data for any transformers multimodal processor.
+
+A record is `{id, image, conversations: [{from: human|gpt, value}, ...]}`; the first human
+turn holds `<image>`. The text comes from the processor's own chat template and the image
+tokens are expanded by the processor itself, so the same code serves the tiny model and a
+real checkpoint. Labels cover only the assistant's answers (and their end-of-turn token).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from PIL import Image
+from torch.utils.data import Dataset
+
+IGNORE_INDEX = -100
+IMAGE_PLACEHOLDER = "<image>"
+
+
+def load_records(path: str | Path) -> list[dict]:
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"no data file at {path}")
+    records = json.loads(path.read_text())
+    if not isinstance(records, list) or not all("conversations" in r for r in records):
+        raise ValueError(f"{path} is not a LLaVA-format JSON list of records with 'conversations'")
+    return records
+
+
+def to_messages(conversations: list[dict], with_image: bool) -> list[dict]:
+    """LLaVA turns -> chat-template messages; the image goes with the first user turn."""
+    messages = []
+    for turn in conversations:
+        text = turn["value"].replace(IMAGE_PLACEHOLDER, "").strip()
+        if turn["from"] == "human":
+            content = [{"type": "text", "text": text}]
+            if with_image and not messages:
+                content.insert(0, {"type": "image"})
+            messages.append({"role": "user", "content": content})
+        elif turn["from"] == "gpt":
+            messages.append({"role": "assistant", "content": [{"type": "text", "text": text}]})
+        else:
+            raise ValueError(f"unknown speaker {turn['from']!r}; expected 'human' or 'gpt'")
+    return messages
+
+
+def answer_spans(processor, messages: list[dict]) -> tuple[str, list[tuple[int, int]]]:
+    """The full conversation text and the character span of each assistant answer."""
+    spans = []
+    for k, message in enumerate(messages):
+        if message["role"] != "assistant":
+            continue
+        prompt = processor.apply_chat_template(messages[:k], add_generation_prompt=True)
+        upto = processor.apply_chat_template(messages[: k + 1])
+        if not upto.startswith(prompt):
+            raise ValueError("the chat template does not render a conversation prefix-stably")
+        spans.append((len(prompt), len(upto)))
+    return processor.apply_chat_template(messages), spans
+
+
+def open_image(images_dir: Path, relative: str) -> Image.Image:
+    with Image.open(images_dir / relative) as image:
+        return image.convert("RGB")
+
+
+def encode(processor, record: dict, images_dir: Path) -> dict[str, torch.Tensor]:
+    """Token ids, labels and image inputs of one record."""
+    has_image = bool(record.get("image"))
+    text, spans = answer_spans(processor, to_messages(record["conversations"], has_image))
+    if has_image:
+        inputs = processor(text=text, images=open_image(images_dir, record["image"]), return_tensors="pt")
+    else:
+        inputs = processor(text=text, return_tensors="pt")
+    input_ids = inputs.pop("input_ids")[0]
+    inputs.pop("attention_mask", None)
+    inputs.pop("token_type_ids", None)
+    tokenizer = processor.tokenizer
+
+    def count_tokens(chars: int) -> int:
+        return len(tokenizer(text[:chars])["input_ids"])
+
+    # The processor expands each image placeholder into many tokens: every boundary after
+    # the image moves by the same number of positions.
+    expansion = len(input_ids) - count_tokens(len(text))
+    labels = torch.full_like(input_ids, IGNORE_INDEX)
+    for start, end in spans:
+        first, last = count_tokens(start) + expansion, count_tokens(end) + expansion
+        labels[first:last] = input_ids[first:last]
+    return {"input_ids": input_ids, "labels": labels, **{k: v for k, v in inputs.items()}}
+
+
+class LlavaDataset(Dataset):
+    """Records of a LLaVA JSON file, encoded by `processor` on first use and then cached."""
+
+    def __init__(self, path: str | Path, processor, images: str | Path | None = None):
+        self.records = load_records(path)
+        self.images_dir = Path(images) if images else Path(path).parent
+        self.processor = processor
+        self.cache: dict[int, dict] = {}
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+        if index not in self.cache:
+            self.cache[index] = encode(self.processor, self.records[index], self.images_dir)
+        return self.cache[index]
+
+
+class Collator:
+    """Right-pads ids (pad token) and labels (ignored); concatenates image inputs."""
+
+    def __init__(self, pad_token_id: int):
+        self.pad_token_id = pad_token_id
+
+    def __call__(self, samples: list[dict]) -> dict[str, torch.Tensor]:
+        length = max(len(s["input_ids"]) for s in samples)
+        batch = {
+            "input_ids": torch.full((len(samples), length), self.pad_token_id, dtype=torch.long),
+            "labels": torch.full((len(samples), length), IGNORE_INDEX, dtype=torch.long),
+            "attention_mask": torch.zeros((len(samples), length), dtype=torch.long),
+        }
+        for row, sample in enumerate(samples):
+            n = len(sample["input_ids"])
+            batch["input_ids"][row, :n] = sample["input_ids"]
+            batch["labels"][row, :n] = sample["labels"]
+            batch["attention_mask"][row, :n] = 1
+        for key in sorted({k for s in samples for k in s} - set(batch)):
+            batch[key] = torch.cat([s[key] for s in samples if key in s])
+        return batch

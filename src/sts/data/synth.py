@@ -1,0 +1,154 @@
+"""Sort-of-CLEVR-style synthetic VQA in the LLaVA format, drawn with Pillow.
+
+Each image holds a few shapes of distinct colours, each filling one cell of a
+4x4 grid. A training record is a multi-turn conversation with one question of
+every type about its image (LLaVA's own instruction data is multi-turn).
+Everything is a pure function of the seed.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from PIL import Image, ImageDraw
+from tqdm import tqdm
+
+COLOURS = {
+    "red": (220, 40, 40),
+    "green": (40, 170, 60),
+    "blue": (40, 80, 220),
+    "yellow": (230, 200, 30),
+    "purple": (150, 60, 190),
+    "cyan": (40, 200, 210),
+}
+SHAPES = ("circle", "square", "triangle")
+QUESTION_TYPES = ("colour", "shape", "count", "exist", "position")
+GRID = 4  # cells per side; one object per cell
+IMAGE_SIZE = 64
+CELL = IMAGE_SIZE // GRID
+BACKGROUND = (245, 245, 245)
+MIN_OBJECTS, MAX_OBJECTS = 3, 5
+
+
+@dataclass(frozen=True)
+class SceneObject:
+    colour: str
+    shape: str
+    row: int
+    col: int
+
+
+def draw_scene(objects: list[SceneObject]) -> Image.Image:
+    image = Image.new("RGB", (IMAGE_SIZE, IMAGE_SIZE), BACKGROUND)
+    pen = ImageDraw.Draw(image)
+    margin = 1
+    for obj in objects:
+        x0, y0 = obj.col * CELL + margin, obj.row * CELL + margin
+        x1, y1 = x0 + CELL - 2 * margin - 1, y0 + CELL - 2 * margin - 1
+        fill = COLOURS[obj.colour]
+        if obj.shape == "circle":
+            pen.ellipse((x0, y0, x1, y1), fill=fill)
+        elif obj.shape == "square":
+            pen.rectangle((x0 + 1, y0 + 1, x1 - 1, y1 - 1), fill=fill)
+        else:
+            pen.polygon(((x0 + x1) / 2, y0, x1, y1, x0, y1), fill=fill)
+    return image
+
+
+def random_scene(rng: random.Random) -> list[SceneObject]:
+    """A scene with distinct colours and at least one shape that occurs once
+    (so a colour-of-shape question has a single answer)."""
+    while True:
+        count = rng.randint(MIN_OBJECTS, MAX_OBJECTS)
+        colours = rng.sample(list(COLOURS), count)
+        cells = rng.sample(range(GRID * GRID), count)
+        objects = [
+            SceneObject(colour, rng.choice(SHAPES), cell // GRID, cell % GRID)
+            for colour, cell in zip(colours, cells)
+        ]
+        shapes = [o.shape for o in objects]
+        if any(shapes.count(s) == 1 for s in SHAPES):
+            return objects
+
+
+def ask(kind: str, objects: list[SceneObject], rng: random.Random) -> tuple[str, str]:
+    """One (question, answer) of the given type about the scene."""
+    shapes = [o.shape for o in objects]
+    if kind == "colour":
+        obj = rng.choice([o for o in objects if shapes.count(o.shape) == 1])
+        return f"What color is the {obj.shape}?", obj.colour
+    if kind == "shape":
+        obj = rng.choice(objects)
+        return f"What shape is the {obj.colour} object?", obj.shape
+    if kind == "count":
+        shape = rng.choice(SHAPES)
+        return f"How many {shape}s are there?", str(shapes.count(shape))
+    if kind == "exist":
+        present = {(o.colour, o.shape) for o in objects}
+        if rng.random() < 0.5:
+            colour, shape = rng.choice(sorted(present))
+        else:
+            absent = [(c, s) for c in COLOURS for s in SHAPES if (c, s) not in present]
+            colour, shape = rng.choice(absent)
+        answer = "yes" if (colour, shape) in present else "no"
+        return f"Is there a {colour} {shape}?", answer
+    if kind == "position":
+        obj = rng.choice(objects)
+        side = "left" if obj.col < GRID // 2 else "right"
+        return f"Is the {obj.colour} object on the left or right?", side
+    raise ValueError(f"unknown question type {kind!r}; expected one of {QUESTION_TYPES}")
+
+
+def make_record(index: int, split: str, rng: random.Random) -> tuple[dict, Image.Image]:
+    objects = random_scene(rng)
+    kinds = list(QUESTION_TYPES)
+    rng.shuffle(kinds)
+    conversations = []
+    for turn, kind in enumerate(kinds):
+        question, answer = ask(kind, objects, rng)
+        prompt = f"<image>\n{question}" if turn == 0 else question
+        conversations.append({"from": "human", "value": prompt, "type": kind})
+        conversations.append({"from": "gpt", "value": answer})
+    record = {
+        "id": f"{split}-{index:06d}",
+        "image": f"images/{split}-{index:06d}.png",
+        "conversations": conversations,
+        "scene": [asdict(o) for o in objects],
+    }
+    return record, draw_scene(objects)
+
+
+def write_split(out: Path, split: str, count: int, seed: int) -> Path:
+    rng = random.Random(f"{seed}-{split}")
+    (out / "images").mkdir(parents=True, exist_ok=True)
+    records = []
+    for index in tqdm(range(count), desc=f"synth {split}", leave=False):
+        record, image = make_record(index, split, rng)
+        image.save(out / record["image"])
+        records.append(record)
+    path = out / f"{split}.json"
+    path.write_text(json.dumps(records, indent=1))
+    return path
+
+
+def generate(out: str | Path, train: int, test: int, seed: int = 0) -> dict[str, Path]:
+    """Write DIR/train.json, DIR/test.json and DIR/images/."""
+    if train < 1 or test < 1:
+        raise ValueError(f"--train and --test must be positive, got {train} and {test}")
+    out = Path(out)
+    return {
+        "train": write_split(out, "train", train, seed),
+        "test": write_split(out, "test", test, seed),
+    }
+
+
+def vocabulary() -> list[str]:
+    """Every word the generator and the chat template can write, for the tiny tokenizer."""
+    words = set(COLOURS) | set(SHAPES) | {f"{s}s" for s in SHAPES}
+    words |= {str(n) for n in range(MAX_OBJECTS + 1)} | {"yes", "no", "left", "right"}
+    words |= {"What", "color", "is", "the", "shape", "object", "How", "many", "are", "there",
+              "Is", "a", "on", "or", "?"}
+    return sorted(words)

@@ -1,0 +1,178 @@
+"""The embedded default: a real transformers LLaVA (CLIP tower + Llama), built from configs.
+
+Nothing comes from a hub. The tokenizer is a word-level `PreTrainedTokenizerFast` made
+from the synthetic data's vocabulary; the processor is a real `LlavaProcessor`. The base
+weights of the vision tower and the language model (pre-trained by `sts pretrain-base`)
+ship with the package, as a real recipe starts from CLIP and a Llama; the projector always
+starts random, so the demo's stages have to teach the model to answer from the image.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from pydantic import BaseModel, ConfigDict
+from safetensors.torch import load_file, save_file
+from tokenizers import Tokenizer, decoders, pre_tokenizers, processors
+from tokenizers.models import WordLevel
+from transformers import (
+    CLIPImageProcessor,
+    CLIPVisionConfig,
+    LlamaConfig,
+    LlavaConfig,
+    LlavaForConditionalGeneration,
+    LlavaProcessor,
+    PreTrainedTokenizerFast,
+)
+
+from sts.data.synth import IMAGE_SIZE, vocabulary
+
+BASE_WEIGHTS = Path(__file__).resolve().parent.parent / "assets" / "tiny-base.safetensors"
+SPECIAL_TOKENS = ["<pad>", "<unk>", "<s>", "</s>", "<image>"]
+IMAGE_TOKEN = "<image>"
+TEMPLATE_WORDS = ["USER", "ASSISTANT", ":"]
+
+# LLaVA-1.5's conversation format; `sts.data.llava` writes the same text segment by segment.
+CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "{% if message['role'] == 'user' %}USER: "
+    "{% for part in message['content'] %}{% if part['type'] == 'image' %}<image>\n{% endif %}{% endfor %}"
+    "{% for part in message['content'] %}{% if part['type'] == 'text' %}{{ part['text'] }}{% endif %}{% endfor %}"
+    " ASSISTANT:"
+    "{% else %}"
+    "{% for part in message['content'] %}{% if part['type'] == 'text' %} {{ part['text'] }}{% endif %}{% endfor %}</s>"
+    "{% endif %}"
+    "{% endfor %}"
+)
+
+
+class TinyModelConfig(BaseModel):
+    """Sizes of the embedded model. The defaults are what the shipped base weights fit."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    image_size: int = IMAGE_SIZE
+    patch_size: int = 8
+    vision_hidden: int = 64
+    vision_layers: int = 2
+    vision_heads: int = 2
+    text_hidden: int = 128
+    text_layers: int = 6
+    text_heads: int = 4
+    text_intermediate: int = 344
+
+
+def build_tokenizer() -> PreTrainedTokenizerFast:
+    vocab = {token: i for i, token in enumerate(SPECIAL_TOKENS + TEMPLATE_WORDS + vocabulary())}
+    core = Tokenizer(WordLevel(vocab, unk_token="<unk>"))
+    core.pre_tokenizer = pre_tokenizers.Whitespace()
+    core.decoder = decoders.WordPiece()  # joins words with spaces
+    core.post_processor = processors.TemplateProcessing(
+        single="<s> $A", pair="<s> $A $B", special_tokens=[("<s>", vocab["<s>"])]
+    )
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=core,
+        bos_token="<s>",
+        eos_token="</s>",
+        unk_token="<unk>",
+        pad_token="<pad>",
+        additional_special_tokens=[IMAGE_TOKEN],
+        chat_template=CHAT_TEMPLATE,
+    )
+    return tokenizer
+
+
+def build_processor(cfg: TinyModelConfig | None = None) -> LlavaProcessor:
+    cfg = cfg or TinyModelConfig()
+    image_processor = CLIPImageProcessor(
+        size={"shortest_edge": cfg.image_size},
+        crop_size={"height": cfg.image_size, "width": cfg.image_size},
+        image_mean=[0.5, 0.5, 0.5],
+        image_std=[0.5, 0.5, 0.5],
+    )
+    return LlavaProcessor(
+        image_processor=image_processor,
+        tokenizer=build_tokenizer(),
+        patch_size=cfg.patch_size,
+        vision_feature_select_strategy="default",
+        chat_template=CHAT_TEMPLATE,
+        num_additional_image_tokens=1,  # CLIP's CLS token, dropped by the "default" strategy
+    )
+
+
+def build_config(cfg: TinyModelConfig | None = None) -> LlavaConfig:
+    cfg = cfg or TinyModelConfig()
+    tokenizer = build_tokenizer()
+    vision = CLIPVisionConfig(
+        hidden_size=cfg.vision_hidden,
+        intermediate_size=4 * cfg.vision_hidden,
+        num_hidden_layers=cfg.vision_layers,
+        num_attention_heads=cfg.vision_heads,
+        image_size=cfg.image_size,
+        patch_size=cfg.patch_size,
+    )
+    text = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=cfg.text_hidden,
+        intermediate_size=cfg.text_intermediate,
+        num_hidden_layers=cfg.text_layers,
+        num_attention_heads=cfg.text_heads,
+        num_key_value_heads=cfg.text_heads,
+        max_position_embeddings=1024,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        tie_word_embeddings=False,
+    )
+    num_patches = (cfg.image_size // cfg.patch_size) ** 2
+    config = LlavaConfig(
+        vision_config=vision,
+        text_config=text,
+        image_token_index=tokenizer.convert_tokens_to_ids(IMAGE_TOKEN),
+        projector_hidden_act="gelu",
+        vision_feature_select_strategy="default",
+        vision_feature_layer=-1,
+        image_seq_length=num_patches,
+    )
+    config.pad_token_id = tokenizer.pad_token_id
+    return config
+
+
+def is_base_part(name: str) -> bool:
+    """Base weights are the vision tower and the language model; never the projector."""
+    return "multi_modal_projector" not in name
+
+
+def build_model(cfg: TinyModelConfig | None = None, seed: int = 0, base: bool = True) -> LlavaForConditionalGeneration:
+    """A random-initialised tiny LLaVA; with `base`, the shipped pre-trained tower and LM."""
+    cfg = cfg or TinyModelConfig()
+    torch.manual_seed(seed)
+    model = LlavaForConditionalGeneration(build_config(cfg))
+    if base:
+        load_base_weights(model, cfg)
+    return model
+
+
+def save_base_weights(model: LlavaForConditionalGeneration, cfg: TinyModelConfig, path: Path = BASE_WEIGHTS) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tensors = {k: v.detach().contiguous() for k, v in model.state_dict().items() if is_base_part(k)}
+    save_file(tensors, str(path), metadata={"tiny_config": cfg.model_dump_json()})
+    return path
+
+
+def load_base_weights(model: LlavaForConditionalGeneration, cfg: TinyModelConfig, path: Path = BASE_WEIGHTS) -> None:
+    if not path.exists():
+        raise FileNotFoundError(f"no base weights at {path}: run `sts pretrain-base` first")
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        trained_for = TinyModelConfig(**json.loads(f.metadata()["tiny_config"]))
+    if trained_for != cfg:
+        raise ValueError(
+            f"the base weights at {path} fit {trained_for.model_dump()}, not {cfg.model_dump()}; "
+            "use the default sizes, set model.base=false, or re-run `sts pretrain-base`"
+        )
+    missing, unexpected = model.load_state_dict(load_file(str(path)), strict=False)
+    assert not unexpected and all(not is_base_part(k) for k in missing), (missing, unexpected)

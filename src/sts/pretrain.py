@@ -1,0 +1,160 @@
+"""`sts pretrain-base`: the embedded model's pre-trained vision tower and language model.
+
+Real MLLM training starts from a pre-trained CLIP and a pre-trained LLM; this builds the
+tiny stand-ins, reproducibly, from the synthetic generator:
+
+1. **Vision tower** - dense per-patch supervision: every patch predicts what lies in its grid
+   cell (colour and shape, or empty) and where it is (row, column), so its features carry
+   what a projector needs, as CLIP's do.
+2. **Language model** - trained on *symbolic* scenes: where the image tokens will later be,
+   it reads one learned embedding per patch (cell content + patch position) and answers
+   the questions. It learns to count, compare and name from a scene description, as an LLM
+   learns from text; it has never seen a visual feature. The scene embeddings are thrown away.
+
+Only these two parts are saved (`sts/assets/tiny-base.safetensors`); the projector of every
+model built from them starts random, so the demo must still teach the model to see.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import DataLoader
+from tqdm import tqdm
+from transformers import get_cosine_schedule_with_warmup
+
+from sts.data.llava import IGNORE_INDEX, Collator, LlavaDataset
+from sts.data.synth import CELL, COLOURS, SHAPES, generate
+from sts.models.tiny import BASE_WEIGHTS, TinyModelConfig, build_model, build_processor, save_base_weights
+
+NUM_CONTENTS = 1 + len(COLOURS) * len(SHAPES)  # empty, or one colour-shape pair
+
+
+def patch_targets(scenes: list[list[dict]], cfg: TinyModelConfig) -> torch.Tensor:
+    """(batch, patches) content index of each patch's grid cell: 0 empty, else colour-shape."""
+    side = cfg.image_size // cfg.patch_size
+    targets = torch.zeros(len(scenes), side, side, dtype=torch.long)
+    colours, shapes = list(COLOURS), list(SHAPES)
+    for b, scene in enumerate(scenes):
+        for obj in scene:
+            content = 1 + colours.index(obj["colour"]) * len(SHAPES) + shapes.index(obj["shape"])
+            rows = [r for r in range(side) if (r * cfg.patch_size + cfg.patch_size // 2) // CELL == obj["row"]]
+            cols = [c for c in range(side) if (c * cfg.patch_size + cfg.patch_size // 2) // CELL == obj["col"]]
+            for r in rows:
+                targets[b, r, cols] = content
+    return targets.flatten(1)
+
+
+class SceneBatches:
+    """Collated batches that also carry each record's scene, forever, in a seeded order."""
+
+    def __init__(self, dataset: LlavaDataset, batch_size: int, seed: int):
+        self.dataset = dataset
+        self.collate = Collator(dataset.processor.tokenizer.pad_token_id)
+        self.loader = DataLoader(range(len(dataset)), batch_size=batch_size, shuffle=True,
+                                 drop_last=True, generator=torch.Generator().manual_seed(seed))
+
+    def __iter__(self):
+        while True:
+            for indices in self.loader:
+                batch = self.collate([self.dataset[i] for i in indices.tolist()])
+                batch["scenes"] = [self.dataset.records[i]["scene"] for i in indices.tolist()]
+                yield batch
+
+
+def train_loop(name: str, params, loss_fn, batches, steps: int, lr: float, log_every: int = 100):
+    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    schedule = get_cosine_schedule_with_warmup(optimizer, max(1, steps // 20), steps)
+    bar = tqdm(range(steps), desc=f"pretrain {name}")
+    stream = iter(batches)
+    for step in bar:
+        loss, accuracy = loss_fn(next(stream))
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        optimizer.step()
+        schedule.step()
+        optimizer.zero_grad(set_to_none=True)
+        bar.set_postfix(loss=f"{loss.item():.3f}", acc=f"{accuracy:.3f}")
+        if (step + 1) % log_every == 0:
+            tqdm.write(f"{name} step {step + 1}: loss {loss.item():.4f} accuracy {accuracy:.3f}")
+    return accuracy
+
+
+def pretrain_vision(model, cfg: TinyModelConfig, batches, steps: int, lr: float) -> float:
+    tower = model.model.vision_tower
+    side = cfg.image_size // cfg.patch_size
+    heads = nn.ModuleDict({
+        "content": nn.Linear(cfg.vision_hidden, NUM_CONTENTS),
+        "row": nn.Linear(cfg.vision_hidden, side),
+        "col": nn.Linear(cfg.vision_hidden, side),
+    })
+    positions = torch.arange(side * side)
+
+    def loss_fn(batch):
+        features = tower(batch["pixel_values"]).last_hidden_state[:, 1:]  # drop CLS
+        content = patch_targets(batch["scenes"], cfg)
+        logits = heads["content"](features)
+        loss = F.cross_entropy(logits.flatten(0, 1), content.flatten())
+        for axis, target in (("row", positions // side), ("col", positions % side)):
+            axis_logits = heads[axis](features)
+            loss = loss + F.cross_entropy(axis_logits.flatten(0, 1), target.repeat(len(features)))
+        accuracy = (logits.argmax(-1) == content).float().mean().item()
+        return loss, accuracy
+
+    params = list(tower.parameters()) + list(heads.parameters())
+    return train_loop("vision", params, loss_fn, batches, steps, lr)
+
+
+def pretrain_language(model, cfg: TinyModelConfig, batches, steps: int, lr: float) -> float:
+    image_token = model.config.image_token_index
+    side = cfg.image_size // cfg.patch_size
+    content_embedding = nn.Embedding(NUM_CONTENTS, cfg.text_hidden)
+    position_embedding = nn.Embedding(side * side, cfg.text_hidden)
+    for table in (content_embedding, position_embedding):
+        nn.init.normal_(table.weight, std=0.02 * math.sqrt(cfg.text_hidden))
+    embed_tokens = model.get_input_embeddings()
+
+    def loss_fn(batch):
+        ids = batch["input_ids"]
+        embeds = embed_tokens(ids)
+        scene = content_embedding(patch_targets(batch["scenes"], cfg)) + position_embedding.weight
+        embeds = embeds.masked_scatter((ids == image_token).unsqueeze(-1), scene.to(embeds.dtype))
+        out = model(inputs_embeds=embeds, attention_mask=batch["attention_mask"], labels=batch["labels"])
+        labels = batch["labels"][:, 1:]
+        answered = labels != IGNORE_INDEX
+        hits = out.logits[:, :-1].argmax(-1)[answered] == labels[answered]
+        return out.loss, hits.float().mean().item()
+
+    params = (list(model.model.language_model.parameters()) + list(model.lm_head.parameters())
+              + list(content_embedding.parameters()) + list(position_embedding.parameters()))
+    return train_loop("language", params, loss_fn, batches, steps, lr)
+
+
+def pretrain_base(out: str | Path = "runs/pretrain-base", records: int = 8000, vision_steps: int = 400,
+                  language_steps: int = 2000, batch_size: int = 32, seed: int = 1234,
+                  weights: Path = BASE_WEIGHTS) -> dict:
+    """Pre-train the tiny vision tower and language model; write the shipped base weights."""
+    out = Path(out)
+    started = time.time()
+    cfg = TinyModelConfig()
+    paths = generate(out / "data", train=records, test=1, seed=seed)
+    processor = build_processor(cfg)
+    dataset = LlavaDataset(paths["train"], processor)
+    model = build_model(cfg, seed=seed, base=False)
+    model.train()
+    vision_accuracy = pretrain_vision(model, cfg, SceneBatches(dataset, 2 * batch_size, seed), vision_steps, 3e-3)
+    language_accuracy = pretrain_language(model, cfg, SceneBatches(dataset, batch_size, seed), language_steps, 2e-3)
+    save_base_weights(model, cfg, weights)
+    summary = {
+        "vision_patch_accuracy": vision_accuracy,
+        "language_answer_accuracy": language_accuracy,
+        "seconds": round(time.time() - started, 1),
+        "weights": str(weights),
+    }
+    print(summary)
+    return summary

@@ -1,0 +1,19 @@
+import pytest
+
+from sts.data.synth import generate
+from sts.models.tiny import TinyModelConfig, build_processor
+
+# Small enough for fast CPU tests; base weights fit only the default sizes.
+TEST_SIZES = TinyModelConfig(vision_hidden=32, vision_layers=1, text_hidden=64, text_layers=2,
+                             text_heads=2, text_intermediate=128)
+
+
+@pytest.fixture(scope="session")
+def synth_data(tmp_path_factory):
+    out = tmp_path_factory.mktemp("synth")
+    return generate(out, train=48, test=6, seed=7)
+
+
+@pytest.fixture(scope="session")
+def processor():
+    return build_processor()

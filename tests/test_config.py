@@ -1,0 +1,58 @@
+import pytest
+
+from sts.config import ConfigError, load_recipe
+
+
+def write(tmp_path, text):
+    path = tmp_path / "recipe.yaml"
+    path.write_text(text)
+    return str(path)
+
+
+GOOD = """
+data: {train: d/train.json}
+stages:
+  - {name: align, learning_rate: 1.0e-3}
+"""
+
+
+def test_shipped_demo_recipe_parses():
+    recipe = load_recipe("demo")
+    assert [s.name for s in recipe.stages] == ["align", "instruct"]
+    assert recipe.stages[0].train.language_model == "frozen"
+    assert recipe.stages[1].train.language_model == "full"
+
+
+def test_overrides_set_nested_keys(tmp_path):
+    recipe = load_recipe(write(tmp_path, GOOD), ["stages.0.learning_rate=5e-4", "model.tiny.text_layers=3",
+                                                 "output_dir=elsewhere"])
+    assert recipe.stages[0].learning_rate == 5e-4
+    assert recipe.model.tiny.text_layers == 3
+    assert recipe.output_dir == "elsewhere"
+
+
+@pytest.mark.parametrize("override, key", [
+    ("stages.0.learnig_rate=1", "stages.0.learnig_rate"),
+    ("stages.0.learning_rate=-1", "stages.0.learning_rate"),
+    ("stages.0.train.projector=half", "stages.0.train.projector"),
+    ("model.tiny.text_layerz=2", "model.tiny.text_layerz"),
+])
+def test_bad_key_or_value_is_one_line_naming_the_key(tmp_path, override, key):
+    with pytest.raises(ConfigError) as error:
+        load_recipe(write(tmp_path, GOOD), [override])
+    message = str(error.value)
+    assert key in message and "\n" not in message
+
+
+def test_unknown_recipe_and_malformed_override(tmp_path):
+    with pytest.raises(ConfigError, match="shipped: .*demo"):
+        load_recipe("no-such-recipe")
+    with pytest.raises(ConfigError, match="key=value"):
+        load_recipe(write(tmp_path, GOOD), ["stages.0.learning_rate"])
+    with pytest.raises(ConfigError, match="stages"):
+        load_recipe(write(tmp_path, GOOD), ["stages.5.learning_rate=1"])
+
+
+def test_stage_names_must_be_unique(tmp_path):
+    with pytest.raises(ConfigError, match="unique"):
+        load_recipe(write(tmp_path, GOOD.replace("stages:\n", "stages:\n  - {name: align, learning_rate: 1.0}\n")))

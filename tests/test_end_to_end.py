@@ -1,0 +1,62 @@
+import json
+
+import torch
+
+from sts.cli import main
+from sts.data.llava import LlavaDataset
+from sts.evaluate import evaluate
+from tests.conftest import TEST_SIZES
+
+
+def tiny_overrides(synth_data, out):
+    sizes = [f"model.tiny.{k}={v}" for k, v in TEST_SIZES.model_dump().items()]
+    return [f"data.train={synth_data['train']}", f"output_dir={out}", "model.base=false",
+            "stages.0.max_steps=3", "stages.1.max_steps=3", "stages.0.batch_size=8",
+            "stages.1.batch_size=8", "stages.0.logging_steps=1", *sizes]
+
+
+def test_train_then_eval_through_the_cli(synth_data, tmp_path, capsys):
+    assert main(["train", "demo", *tiny_overrides(synth_data, tmp_path / "run")]) == 0
+    model_dir = tmp_path / "run" / "instruct" / "model"
+    assert (model_dir / "model.safetensors").exists()
+
+    from transformers import AutoModelForImageTextToText
+
+    align = AutoModelForImageTextToText.from_pretrained(tmp_path / "run" / "align" / "model").state_dict()
+    final = AutoModelForImageTextToText.from_pretrained(model_dir).state_dict()
+    lm_key = next(k for k in final if "language_model" in k and k.endswith("q_proj.weight"))
+    tower_key = next(k for k in final if "vision_tower" in k and k.endswith("q_proj.weight"))
+    assert not torch.equal(align[lm_key], final[lm_key]), "stage 2 trains the language model"
+    assert torch.equal(align[tower_key], final[tower_key]), "the vision tower stays frozen"
+
+    assert main(["eval", "--model", str(model_dir), "--data", str(synth_data["test"]),
+                 "--json", str(tmp_path / "eval.json")]) == 0
+    result = json.loads((tmp_path / "eval.json").read_text())
+    assert result["questions"] == 6 * 5
+    assert set(result["per_type"]) == {"colour", "shape", "count", "exist", "position"}
+    assert 0.0 <= result["accuracy"] <= 1.0
+    assert "overall" in capsys.readouterr().out
+
+
+def test_stage_one_trains_only_the_projector(synth_data, tmp_path):
+    from sts.config import load_recipe
+    from sts.train import initial_model, run_stage
+
+    recipe = load_recipe("demo", tiny_overrides(synth_data, tmp_path))
+    model, processor = initial_model(recipe)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    dataset = LlavaDataset(synth_data["train"], processor)
+    run_stage(recipe.stages[0], model, processor, dataset, tmp_path / "align", seed=0)
+    changed = {k for k, v in model.state_dict().items() if not torch.equal(v, before[k])}
+    assert changed and all("multi_modal_projector" in k for k in changed)
+
+
+def test_cli_reports_config_errors_in_one_line(synth_data, tmp_path, capsys):
+    assert main(["train", "demo", f"data.train={synth_data['train']}", "stages.0.learning_rat=1"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("sts: error:") and "stages.0.learning_rat" in err and "\n" not in err
+
+
+def test_eval_of_missing_model_is_a_clear_error(synth_data, tmp_path, capsys):
+    assert main(["eval", "--model", str(tmp_path / "none"), "--data", str(synth_data["test"])]) == 2
+    assert "no model checkpoint" in capsys.readouterr().err

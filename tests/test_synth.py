@@ -1,0 +1,48 @@
+import json
+import random
+
+from sts.data.synth import QUESTION_TYPES, ask, generate, random_scene
+
+
+def read_all(folder):
+    return {p.relative_to(folder).as_posix(): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_same_seed_same_files_other_seed_other_files(tmp_path):
+    generate(tmp_path / "a", train=12, test=3, seed=5)
+    generate(tmp_path / "b", train=12, test=3, seed=5)
+    generate(tmp_path / "c", train=12, test=3, seed=6)
+    a, b, c = (read_all(tmp_path / x) for x in "abc")
+    assert a == b
+    assert a.keys() == c.keys() and a != c
+
+
+def test_layout_and_question_types(synth_data):
+    records = json.loads(synth_data["train"].read_text())
+    assert len(records) == 48
+    for record in records:
+        assert (synth_data["train"].parent / record["image"]).exists()
+        turns = record["conversations"]
+        assert turns[0]["value"].startswith("<image>\n")
+        assert [t["from"] for t in turns] == ["human", "gpt"] * len(QUESTION_TYPES)
+        assert sorted(t["type"] for t in turns[::2]) == sorted(QUESTION_TYPES)
+        assert all(len(t["value"].split()) == 1 for t in turns[1::2]), "answers are one word"
+
+
+def test_answers_agree_with_the_scene():
+    rng = random.Random(3)
+    for _ in range(200):
+        scene = random_scene(rng)
+        question, answer = ask("count", scene, rng)
+        shape = question.split()[2][:-1]
+        assert answer == str(sum(o.shape == shape for o in scene))
+        question, answer = ask("exist", scene, rng)
+        _, _, _, colour, shape = question.rstrip("?").split()
+        assert answer == ("yes" if any(o.colour == colour and o.shape == shape for o in scene) else "no")
+        question, answer = ask("position", scene, rng)
+        obj = next(o for o in scene if o.colour == question.split()[2])
+        assert answer == ("left" if obj.col < 2 else "right")
+        question, answer = ask("colour", scene, rng)
+        shape = question.rstrip("?").split()[-1]
+        matching = [o for o in scene if o.shape == shape]
+        assert len(matching) == 1 and matching[0].colour == answer
