@@ -60,3 +60,26 @@ def test_cli_reports_config_errors_in_one_line(synth_data, tmp_path, capsys):
 def test_eval_of_missing_model_is_a_clear_error(synth_data, tmp_path, capsys):
     assert main(["eval", "--model", str(tmp_path / "none"), "--data", str(synth_data["test"])]) == 2
     assert "no model checkpoint" in capsys.readouterr().err
+
+
+def test_demo_compares_the_recipes_and_writes_results(tmp_path):
+    from sts.demo import RECIPES, run_demo
+
+    sizes = [f"model.tiny.{k}={v}" for k, v in TEST_SIZES.model_dump().items()]
+    steps = ["stages.0.max_steps=4", "stages.1.max_steps=4", "stages.0.batch_size=8", "stages.1.batch_size=8",
+             "stages.0.logging_steps=1", "stages.1.logging_steps=1", "model.base=false"]
+    results = run_demo(tmp_path, train=24, test=3, seed=1, extra=[*sizes, *steps])
+    saved = json.loads((tmp_path / "results.json").read_text())
+    assert list(saved["runs"]) == list(RECIPES) == ["baseline", "sts", "sts-max"]
+    for name, run in saved["runs"].items():
+        assert set(run["per_type"]) == {"colour", "shape", "count", "exist", "position"}
+        assert run["train_seconds"] > 0 and (tmp_path / name / "instruct" / "model" / "config.json").exists()
+        assert run["model_dir"] == str(tmp_path / name / "instruct" / "model")
+    baseline, sparse = saved["runs"]["baseline"], saved["runs"]["sts"]
+    assert baseline["speedup"] == 1.0 and baseline["flops_ideal_speedup"] == 1.0
+    # The compressor really shortens alignment: fewer FLOPs for the same samples.
+    assert sparse["stages"][0]["flops"] < 0.7 * baseline["stages"][0]["flops"]
+    assert sparse["stages"][0]["samples"] == baseline["stages"][0]["samples"]
+    assert (tmp_path / "demo.png").stat().st_size > 10_000
+    expected = sparse["accuracy"] / baseline["accuracy"] if baseline["accuracy"] else None
+    assert results["runs"]["sts"]["retention"] == expected

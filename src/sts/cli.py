@@ -37,6 +37,13 @@ def cmd_demo(args) -> None:
     run_demo(args.out, train=args.train, test=args.test, seed=args.seed)
 
 
+def cmd_bench(args) -> None:
+    from sts.bench import run_bench
+
+    run_bench(args.preset, steps=args.steps, warmup=args.warmup, batch=args.batch, layers=args.layers,
+              settings=args.settings.split(",") if args.settings else None, out=args.out)
+
+
 def cmd_pretrain_base(args) -> None:
     from sts.pretrain import pretrain_base
 
@@ -76,6 +83,16 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--batch-size", type=int, default=64)
     evaluate.add_argument("--limit", type=int, help="only the first N records")
     evaluate.set_defaults(run=cmd_eval)
+
+    bench = commands.add_parser("bench", help="training throughput, baseline and STS interleaved, random weights")
+    bench.add_argument("--preset", default="tiny", choices=["tiny", "llava-1.5-7b", "llava-1.5-0.5b"])
+    bench.add_argument("--steps", type=int, default=10, help="timed steps per setting")
+    bench.add_argument("--warmup", type=int, default=2)
+    bench.add_argument("--batch", type=int, default=8)
+    bench.add_argument("--layers", type=int, help="decoder layers (the 7B preset runs 8 by default to fit one GPU)")
+    bench.add_argument("--settings", help="comma-separated subset of the settings")
+    bench.add_argument("--out", default="benchmarks/results", help="folder for the JSON record")
+    bench.set_defaults(run=cmd_bench)
 
     pretrain = commands.add_parser("pretrain-base", help="re-create the tiny model's shipped base weights")
     pretrain.add_argument("--out", default="runs/pretrain-base")

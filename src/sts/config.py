@@ -8,7 +8,6 @@ from typing import Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from sts.models.tiny import TinyModelConfig
 
 RECIPES_DIR = Path(__file__).resolve().parent / "configs"
 
@@ -19,6 +18,20 @@ class ConfigError(ValueError):
 
 class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
+
+
+class TinyModelConfig(Strict):
+    """Sizes of the embedded model. The defaults are what the shipped base weights fit."""
+
+    image_size: int = 64
+    patch_size: int = 8
+    vision_hidden: int = 64
+    vision_layers: int = 2
+    vision_heads: int = 2
+    text_hidden: int = 128
+    text_layers: int = 6
+    text_heads: int = 4
+    text_intermediate: int = 344
 
 
 Mode = Literal["frozen", "full"]
@@ -48,6 +61,35 @@ class StageConfig(Strict):
     bf16: bool = False
 
 
+class VTCConfig(Strict):
+    """Visual Token Compressor: keep `keep_ratio` of each image's tokens in training."""
+
+    strategy: Literal["uniform", "random", "text_guided", "pool"] = "uniform"
+    keep_ratio: float = Field(default=0.25, gt=0, le=1)
+    reindex_positions: bool = Field(default=False, description="False: kept tokens keep their original position ids")
+    stages: list[str] = Field(default=["align"], description="recipe stages it is active in")
+    full_tokens_final_fraction: float = Field(default=0.0, ge=0, lt=1,
+                                              description="last fraction of a stage's steps on full tokens")
+
+
+class LDSConfig(Strict):
+    """Layer Dynamic Skipper: skip decoder layer l with probability p_l(e) in training."""
+
+    alpha: float = Field(default=0.5, ge=0, le=1, description="peak skip rate, at the start of training")
+    epsilon: float = Field(default=0.5, ge=-1, le=1, description="depth tilt: > 0 skips deeper layers more")
+    protect_first: int = Field(default=1, ge=0, description="the first layers are never skipped")
+    protect_last: int = Field(default=1, ge=0, description="the last layers are never skipped")
+    stages: list[str] = Field(default=["instruct"], description="recipe stages it is active in")
+
+
+class STSConfig(Strict):
+    """What `apply_sts` attaches. Outside a recipe, exactly the blocks given are enabled."""
+
+    vtc: VTCConfig | None = None
+    lds: LDSConfig | None = None
+    seed: int = 0
+
+
 class ModelConfig(Strict):
     path: str | None = Field(default=None, description="a local checkpoint; None builds the tiny model")
     tiny: TinyModelConfig = TinyModelConfig()
@@ -63,6 +105,8 @@ class RecipeConfig(Strict):
     model: ModelConfig = ModelConfig()
     data: DataConfig
     stages: list[StageConfig] = Field(min_length=1)
+    vtc: VTCConfig | None = None
+    lds: LDSConfig | None = None
     output_dir: str = "runs/train"
     seed: int = 0
 
@@ -73,6 +117,12 @@ class RecipeConfig(Strict):
         if len(set(names)) != len(names):
             raise ValueError(f"stage names must be unique (each names its output folder), got {names}")
         return stages
+
+    def sts_for(self, stage: StageConfig) -> STSConfig:
+        """The STS blocks active in this stage (none for a plain stage)."""
+        vtc = self.vtc if self.vtc and stage.name in self.vtc.stages else None
+        lds = self.lds if self.lds and stage.name in self.lds.stages else None
+        return STSConfig(vtc=vtc, lds=lds, seed=self.seed)
 
 
 def apply_override(tree: dict, assignment: str) -> None:

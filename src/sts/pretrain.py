@@ -17,7 +17,6 @@ model built from them starts random, so the demo must still teach the model to s
 
 from __future__ import annotations
 
-import math
 import time
 from pathlib import Path
 
@@ -29,25 +28,32 @@ from tqdm import tqdm
 from transformers import get_cosine_schedule_with_warmup
 
 from sts.data.llava import IGNORE_INDEX, Collator, LlavaDataset
-from sts.data.synth import CELL, COLOURS, SHAPES, generate
+from sts.data.synth import CELL, COLOURS, GRID, SHAPES, generate
 from sts.models.tiny import BASE_WEIGHTS, TinyModelConfig, build_model, build_processor, save_base_weights
 
 NUM_CONTENTS = 1 + len(COLOURS) * len(SHAPES)  # empty, or one colour-shape pair
 
 
+def patch_cells(cfg: TinyModelConfig) -> list[tuple[int, int]]:
+    """The grid cell (row, col) under the centre of each patch, in raster order."""
+    side = cfg.image_size // cfg.patch_size
+    centre = [(i * cfg.patch_size + cfg.patch_size // 2) // CELL for i in range(side)]
+    return [(centre[r], centre[c]) for r in range(side) for c in range(side)]
+
+
+def patch_objects(scenes: list[list[dict]], cfg: TinyModelConfig) -> list[list[dict | None]]:
+    """Per image, per patch: the object in the patch's grid cell, or None."""
+    cells = patch_cells(cfg)
+    return [[next((o for o in scene if (o["row"], o["col"]) == cell), None) for cell in cells] for scene in scenes]
+
+
 def patch_targets(scenes: list[list[dict]], cfg: TinyModelConfig) -> torch.Tensor:
     """(batch, patches) content index of each patch's grid cell: 0 empty, else colour-shape."""
-    side = cfg.image_size // cfg.patch_size
-    targets = torch.zeros(len(scenes), side, side, dtype=torch.long)
     colours, shapes = list(COLOURS), list(SHAPES)
-    for b, scene in enumerate(scenes):
-        for obj in scene:
-            content = 1 + colours.index(obj["colour"]) * len(SHAPES) + shapes.index(obj["shape"])
-            rows = [r for r in range(side) if (r * cfg.patch_size + cfg.patch_size // 2) // CELL == obj["row"]]
-            cols = [c for c in range(side) if (c * cfg.patch_size + cfg.patch_size // 2) // CELL == obj["col"]]
-            for r in rows:
-                targets[b, r, cols] = content
-    return targets.flatten(1)
+    return torch.tensor([
+        [0 if o is None else 1 + colours.index(o["colour"]) * len(SHAPES) + shapes.index(o["shape"]) for o in image]
+        for image in patch_objects(scenes, cfg)
+    ])
 
 
 class SceneBatches:
@@ -110,28 +116,33 @@ def pretrain_vision(model, cfg: TinyModelConfig, batches, steps: int, lr: float)
     return train_loop("vision", params, loss_fn, batches, steps, lr)
 
 
-def pretrain_language(model, cfg: TinyModelConfig, batches, steps: int, lr: float) -> float:
+def pretrain_language(model, cfg: TinyModelConfig, processor, batches, steps: int, lr: float) -> float:
+    """Scene cells are written with the LM's own word embeddings (colour + shape + side),
+    plus a learned 'empty' vector: a scene description in the model's vocabulary."""
     image_token = model.config.image_token_index
-    side = cfg.image_size // cfg.patch_size
-    content_embedding = nn.Embedding(NUM_CONTENTS, cfg.text_hidden)
-    position_embedding = nn.Embedding(side * side, cfg.text_hidden)
-    for table in (content_embedding, position_embedding):
-        nn.init.normal_(table.weight, std=0.02 * math.sqrt(cfg.text_hidden))
+    tokenizer = processor.tokenizer
     embed_tokens = model.get_input_embeddings()
+    empty = nn.Parameter(torch.randn(cfg.text_hidden) * 0.02)
+
+    def describe(scenes):
+        words = [[[] if o is None else [o["colour"], o["shape"], "left" if o["col"] < GRID // 2 else "right"]
+                  for o in image] for image in patch_objects(scenes, cfg)]
+        ids = torch.tensor([[tokenizer.convert_tokens_to_ids(w) if w else [-1] * 3 for w in image] for image in words])
+        present = (ids >= 0).unsqueeze(-1)
+        described = (embed_tokens(ids.clamp(min=0)) * present).sum(2)
+        return torch.where(present.any(2), described, empty)
 
     def loss_fn(batch):
         ids = batch["input_ids"]
         embeds = embed_tokens(ids)
-        scene = content_embedding(patch_targets(batch["scenes"], cfg)) + position_embedding.weight
-        embeds = embeds.masked_scatter((ids == image_token).unsqueeze(-1), scene.to(embeds.dtype))
+        embeds = embeds.masked_scatter((ids == image_token).unsqueeze(-1), describe(batch["scenes"]))
         out = model(inputs_embeds=embeds, attention_mask=batch["attention_mask"], labels=batch["labels"])
         labels = batch["labels"][:, 1:]
-        answered = labels != IGNORE_INDEX
+        answered = (labels != IGNORE_INDEX) & (labels != tokenizer.eos_token_id)
         hits = out.logits[:, :-1].argmax(-1)[answered] == labels[answered]
         return out.loss, hits.float().mean().item()
 
-    params = (list(model.model.language_model.parameters()) + list(model.lm_head.parameters())
-              + list(content_embedding.parameters()) + list(position_embedding.parameters()))
+    params = list(model.model.language_model.parameters()) + list(model.lm_head.parameters()) + [empty]
     return train_loop("language", params, loss_fn, batches, steps, lr)
 
 
@@ -142,13 +153,14 @@ def pretrain_base(out: str | Path = "runs/pretrain-base", records: int = 8000, v
     out = Path(out)
     started = time.time()
     cfg = TinyModelConfig()
-    paths = generate(out / "data", train=records, test=1, seed=seed)
+    # Three questions of each type per scene: more answers per (costly) scene, faster learning.
+    paths = generate(out / "data", train=records, test=1, seed=seed, questions_per_type=3)
     processor = build_processor(cfg)
     dataset = LlavaDataset(paths["train"], processor)
     model = build_model(cfg, seed=seed, base=False)
     model.train()
     vision_accuracy = pretrain_vision(model, cfg, SceneBatches(dataset, 2 * batch_size, seed), vision_steps, 3e-3)
-    language_accuracy = pretrain_language(model, cfg, SceneBatches(dataset, batch_size, seed), language_steps, 2e-3)
+    language_accuracy = pretrain_language(model, cfg, processor, SceneBatches(dataset, batch_size, seed), language_steps, 1e-3)
     save_base_weights(model, cfg, weights)
     summary = {
         "vision_patch_accuracy": vision_accuracy,

@@ -6,6 +6,8 @@ processor) that the next stage starts from. The last stage's checkpoint is the r
 
 from __future__ import annotations
 
+import os
+import threading
 import time
 from pathlib import Path
 
@@ -20,7 +22,9 @@ from transformers import (
 )
 
 from sts.adapters import get_adapter
-from sts.config import RecipeConfig, StageConfig
+from sts.config import RecipeConfig, StageConfig, STSConfig
+from sts.flops import Shapes, train_step_flops
+from sts.patch import apply_sts, drain_stats, remove_sts, set_progress, step_stats
 from sts.data.llava import Collator, LlavaDataset
 from sts.models import tiny
 
@@ -29,7 +33,7 @@ def load_model_and_processor(path: str | Path):
     """A local checkpoint folder; sts never downloads weights."""
     if not (Path(path) / "config.json").exists():
         raise FileNotFoundError(f"no model checkpoint (config.json) in {path}")
-    model = AutoModelForImageTextToText.from_pretrained(path, torch_dtype=torch.float32)
+    model = AutoModelForImageTextToText.from_pretrained(path, dtype=torch.float32)
     return model, AutoProcessor.from_pretrained(path)
 
 
@@ -53,6 +57,7 @@ def training_arguments(stage: StageConfig, output_dir: Path, seed: int) -> Train
         weight_decay=stage.weight_decay,
         logging_steps=stage.logging_steps,
         gradient_checkpointing=stage.gradient_checkpointing,
+        gradient_checkpointing_kwargs={"use_reentrant": False},
         bf16=stage.bf16,
         save_strategy="no",
         report_to="none",
@@ -64,41 +69,108 @@ def training_arguments(stage: StageConfig, output_dir: Path, seed: int) -> Train
     )
 
 
-class LossClock(TrainerCallback):
-    """Records (seconds since the stage began, step, loss) at every logging step."""
+class StepMeter(TrainerCallback):
+    """Tells the patched model where training stands, and records what each step cost:
+    analytic FLOPs of the tokens and layers really run, and (seconds, step, loss) points."""
 
-    def __init__(self):
+    def __init__(self, model, trains: dict[str, bool]):
+        self.model = model
+        self.trains = trains
+        self.shapes = Shapes.of(model.config)
         self.started = time.perf_counter()
+        self.flops = 0.0
         self.points: list[tuple[float, int, float]] = []
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        set_progress(self.model, state.global_step, state.max_steps)
+
+    def on_step_end(self, args, state, control, **kwargs):
+        for forward in drain_stats(self.model):
+            layers_run = self.shapes.text_layers - len(forward["skipped_layers"])
+            self.flops += sum(train_step_flops(self.shapes, forward["batch_size"], forward["lm_seq_len"],
+                                               forward["images"], self.trains, layers_run).values())
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         if logs and "loss" in logs:
             self.points.append((time.perf_counter() - self.started, state.global_step, logs["loss"]))
 
 
-def run_stage(stage: StageConfig, model, processor, dataset, output_dir: Path, seed: int) -> dict:
-    get_adapter(model).set_trainable(stage.train.model_dump())
-    clock = LossClock()
-    trainer = Trainer(
+class PeakMemory:
+    """Peak memory of a block: CUDA allocations on a GPU, else resident set size, sampled."""
+
+    def __enter__(self):
+        self.peak = 0
+        if torch.cuda.is_available():
+            torch.cuda.reset_peak_memory_stats()
+        else:
+            self.running = True
+            self.sampler = threading.Thread(target=self.sample, daemon=True)
+            self.sampler.start()
+        return self
+
+    def sample(self):
+        page = os.sysconf("SC_PAGE_SIZE")
+        while self.running:
+            with open("/proc/self/statm") as statm:
+                self.peak = max(self.peak, int(statm.read().split()[1]) * page)
+            time.sleep(0.05)
+
+    def __exit__(self, *exc):
+        if torch.cuda.is_available():
+            self.peak = torch.cuda.max_memory_allocated()
+        else:
+            self.running = False
+            self.sampler.join()
+
+    @property
+    def gigabytes(self) -> float:
+        return self.peak / 2**30
+
+
+class STSTrainer(Trainer):
+    """A Trainer that adds what STS did in the last step to every log line."""
+
+    def log(self, logs, *args, **kwargs):
+        if "loss" in logs:
+            for key, value in step_stats(self.model).items():
+                logs[f"sts/{key}"] = len(value) if isinstance(value, list) else value
+        super().log(logs, *args, **kwargs)
+
+
+def run_stage(stage: StageConfig, model, processor, dataset, output_dir: Path, seed: int,
+              sts: STSConfig | None = None) -> dict:
+    """Train one stage; STS is always attached (an empty config enables nothing) so that every
+    stage, baseline included, is metered the same way."""
+    parts = stage.train.model_dump()
+    get_adapter(model).set_trainable(parts)
+    apply_sts(model, sts or STSConfig())
+    meter = StepMeter(model, {k: v == "full" for k, v in parts.items()})
+    trainer = STSTrainer(
         model=model,
         args=training_arguments(stage, output_dir, seed),
         train_dataset=dataset,
         data_collator=Collator(processor.tokenizer.pad_token_id),
-        callbacks=[clock],
+        callbacks=[meter],
     )
-    started = time.perf_counter()
-    result = trainer.train()
-    seconds = time.perf_counter() - started
+    with PeakMemory() as memory:
+        started = time.perf_counter()
+        result = trainer.train()
+        seconds = time.perf_counter() - started
+    remove_sts(model)
     model_dir = output_dir / "model"
     model.save_pretrained(model_dir)
     processor.save_pretrained(model_dir)
+    samples = result.global_step * stage.batch_size * stage.gradient_accumulation_steps
     return {
         "name": stage.name,
         "seconds": seconds,
         "steps": result.global_step,
-        "samples": result.global_step * stage.batch_size * stage.gradient_accumulation_steps,
+        "samples": samples,
+        "samples_per_s": samples / seconds,
+        "flops": meter.flops,
+        "peak_memory_gb": memory.gigabytes,
         "train_loss": result.training_loss,
-        "losses": clock.points,
+        "losses": meter.points,
         "model_dir": str(model_dir),
     }
 
@@ -113,7 +185,8 @@ def run_recipe(cfg: RecipeConfig) -> dict:
     for index, stage in enumerate(cfg.stages):
         if index > 0:
             model, processor = load_model_and_processor(stages[-1]["model_dir"])
-        stages.append(run_stage(stage, model, processor, dataset, output_dir / stage.name, cfg.seed))
+        stages.append(run_stage(stage, model, processor, dataset, output_dir / stage.name, cfg.seed,
+                                cfg.sts_for(stage)))
     return {
         "model_dir": stages[-1]["model_dir"],
         "train_seconds": sum(s["seconds"] for s in stages),

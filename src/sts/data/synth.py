@@ -102,9 +102,9 @@ def ask(kind: str, objects: list[SceneObject], rng: random.Random) -> tuple[str,
     raise ValueError(f"unknown question type {kind!r}; expected one of {QUESTION_TYPES}")
 
 
-def make_record(index: int, split: str, rng: random.Random) -> tuple[dict, Image.Image]:
+def make_record(index: int, split: str, rng: random.Random, questions_per_type: int = 1) -> tuple[dict, Image.Image]:
     objects = random_scene(rng)
-    kinds = list(QUESTION_TYPES)
+    kinds = list(QUESTION_TYPES) * questions_per_type
     rng.shuffle(kinds)
     conversations = []
     for turn, kind in enumerate(kinds):
@@ -121,12 +121,12 @@ def make_record(index: int, split: str, rng: random.Random) -> tuple[dict, Image
     return record, draw_scene(objects)
 
 
-def write_split(out: Path, split: str, count: int, seed: int) -> Path:
+def write_split(out: Path, split: str, count: int, seed: int, questions_per_type: int) -> Path:
     rng = random.Random(f"{seed}-{split}")
     (out / "images").mkdir(parents=True, exist_ok=True)
     records = []
     for index in tqdm(range(count), desc=f"synth {split}", leave=False):
-        record, image = make_record(index, split, rng)
+        record, image = make_record(index, split, rng, questions_per_type)
         image.save(out / record["image"])
         records.append(record)
     path = out / f"{split}.json"
@@ -134,14 +134,15 @@ def write_split(out: Path, split: str, count: int, seed: int) -> Path:
     return path
 
 
-def generate(out: str | Path, train: int, test: int, seed: int = 0) -> dict[str, Path]:
-    """Write DIR/train.json, DIR/test.json and DIR/images/."""
+def generate(out: str | Path, train: int, test: int, seed: int = 0, questions_per_type: int = 1) -> dict[str, Path]:
+    """Write DIR/train.json, DIR/test.json and DIR/images/; each conversation asks
+    `questions_per_type` questions of every type."""
     if train < 1 or test < 1:
         raise ValueError(f"--train and --test must be positive, got {train} and {test}")
     out = Path(out)
     return {
-        "train": write_split(out, "train", train, seed),
-        "test": write_split(out, "test", test, seed),
+        "train": write_split(out, "train", train, seed, questions_per_type),
+        "test": write_split(out, "test", test, seed, questions_per_type),
     }
 
 

@@ -13,7 +13,6 @@ import json
 from pathlib import Path
 
 import torch
-from pydantic import BaseModel, ConfigDict
 from safetensors.torch import load_file, save_file
 from tokenizers import Tokenizer, decoders, pre_tokenizers, processors
 from tokenizers.models import WordLevel
@@ -27,7 +26,8 @@ from transformers import (
     PreTrainedTokenizerFast,
 )
 
-from sts.data.synth import IMAGE_SIZE, vocabulary
+from sts.config import TinyModelConfig
+from sts.data.synth import vocabulary
 
 BASE_WEIGHTS = Path(__file__).resolve().parent.parent / "assets" / "tiny-base.safetensors"
 SPECIAL_TOKENS = ["<pad>", "<unk>", "<s>", "</s>", "<image>"]
@@ -46,22 +46,6 @@ CHAT_TEMPLATE = (
     "{% endif %}"
     "{% endfor %}"
 )
-
-
-class TinyModelConfig(BaseModel):
-    """Sizes of the embedded model. The defaults are what the shipped base weights fit."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    image_size: int = IMAGE_SIZE
-    patch_size: int = 8
-    vision_hidden: int = 64
-    vision_layers: int = 2
-    vision_heads: int = 2
-    text_hidden: int = 128
-    text_layers: int = 6
-    text_heads: int = 4
-    text_intermediate: int = 344
 
 
 def build_tokenizer() -> PreTrainedTokenizerFast:

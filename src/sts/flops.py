@@ -1,0 +1,105 @@
+"""Analytic FLOPs of one training step of a LLaVA-style model, with and without STS.
+
+Counted as `torch.utils.flop_counter` counts: matrix products, convolutions and attention
+(2 FLOPs a multiply-add), nothing elementwise. Backward costs one product for the input
+gradient (needed when anything before it trains) and one for the weight gradient (needed
+when the part itself trains); a frozen part with nothing trainable before it has no backward.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Shapes:
+    """The widths that decide a step's cost."""
+
+    vision_hidden: int
+    vision_intermediate: int
+    vision_layers: int
+    patch_size: int
+    image_tokens: int  # patches per image, before the CLS token
+    projector_in: int
+    text_hidden: int
+    text_intermediate: int
+    text_layers: int
+    text_kv_hidden: int
+    vocab: int
+
+    @classmethod
+    def of(cls, config) -> "Shapes":
+        """From a transformers LlavaConfig."""
+        vision, text = config.vision_config, config.text_config
+        heads = text.num_attention_heads
+        kv_heads = getattr(text, "num_key_value_heads", None) or heads
+        return cls(
+            vision_hidden=vision.hidden_size,
+            vision_intermediate=vision.intermediate_size,
+            vision_layers=vision.num_hidden_layers,
+            patch_size=vision.patch_size,
+            image_tokens=(vision.image_size // vision.patch_size) ** 2,
+            projector_in=vision.hidden_size,
+            text_hidden=text.hidden_size,
+            text_intermediate=text.intermediate_size,
+            text_layers=text.num_hidden_layers,
+            text_kv_hidden=text.hidden_size // heads * kv_heads,
+            vocab=text.vocab_size,
+        )
+
+
+def linear(tokens: float, inputs: int, outputs: int) -> float:
+    return 2.0 * tokens * inputs * outputs
+
+
+def step_cost(forward: float, input_grad: bool, weight_grad: bool) -> float:
+    """A weight product's forward plus the backward products needed."""
+    return forward * (1 + input_grad + weight_grad)
+
+
+def attention_cost(forward: float, needs_grad: bool) -> float:
+    """Attention's two products have no weights; backward needs the gradient of both operands."""
+    return forward * (1 + 2 * needs_grad)
+
+
+def vision_flops(s: Shapes, images: int, trains: bool) -> float:
+    tokens = s.image_tokens + 1  # CLS
+    weights = s.vision_layers * (
+        linear(tokens, s.vision_hidden, 4 * s.vision_hidden) + linear(tokens, s.vision_hidden, 2 * s.vision_intermediate)
+    )
+    patch_embedding = linear(s.image_tokens, 3 * s.patch_size**2, s.vision_hidden)  # pixels need no gradient
+    attention = s.vision_layers * 4.0 * tokens * tokens * s.vision_hidden
+    return images * (step_cost(weights, trains, trains) + step_cost(patch_embedding, False, trains)
+                     + attention_cost(attention, trains))
+
+
+def language_layer_flops(s: Shapes, batch: int, length: int) -> tuple[float, float]:
+    """(weight products, attention products) of one decoder layer over a padded batch."""
+    tokens = batch * length
+    weights = (linear(tokens, s.text_hidden, 2 * s.text_hidden + 2 * s.text_kv_hidden)
+               + linear(tokens, s.text_hidden, 3 * s.text_intermediate))
+    attention = 4.0 * batch * length * length * s.text_hidden
+    return weights, attention
+
+
+def train_step_flops(s: Shapes, batch: int, length: int, images: int, trains: dict[str, bool],
+                     layers_run: float | None = None) -> dict[str, float]:
+    """FLOPs of one forward+backward over `batch` sequences padded to `length` tokens.
+
+    trains: part -> trainable (vision_tower, projector, language_model).
+    layers_run: decoder layers executed (fewer under LDS); all by default.
+    """
+    layers_run = s.text_layers if layers_run is None else layers_run
+    vision_trains, projector_trains, lm_trains = (trains[p] for p in ("vision_tower", "projector", "language_model"))
+    weights, attention = language_layer_flops(s, batch, length)
+    lm_input_grad = vision_trains or projector_trains
+    lm_layer = step_cost(weights, lm_input_grad, lm_trains) + attention_cost(attention, lm_input_grad or lm_trains)
+    # The head's input gradient is always needed while anything trains.
+    lm_head = step_cost(linear(batch * length, s.text_hidden, s.vocab), True, lm_trains)
+    projector_forward = linear(images * s.image_tokens, s.projector_in, s.text_hidden) + linear(
+        images * s.image_tokens, s.text_hidden, s.text_hidden)
+    return {
+        "vision_tower": vision_flops(s, images, vision_trains),
+        "projector": step_cost(projector_forward, vision_trains, projector_trains),
+        "language_model": layers_run * lm_layer + lm_head,
+    }

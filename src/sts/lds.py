@@ -1,0 +1,43 @@
+"""Layer Dynamic Skipper: which decoder layers a training step leaves out.
+
+    p_l(e) = alpha * ((E - e) / E)^2 * (1 + epsilon * (2l - (L - 1)) / (L - 1)),  clipped to [0, 1]
+
+`e / E` is training progress, `l` the 0-based layer of `L`. Skipping fades to zero by the
+end of training; deeper layers are skipped more when epsilon > 0. Whether layer `l` is
+skipped is a pure function of (seed, optimizer step, micro-batch, layer), so every rank of
+a distributed run, and a gradient-checkpointing recompute, agrees.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from sts.config import LDSConfig
+
+
+def seed_of(*parts: int) -> int:
+    """A 63-bit seed that is a pure function of its integer parts (splitmix-style mixing)."""
+    seed = 0x9E3779B97F4A7C15
+    for part in parts:
+        seed = ((seed ^ (part + 0x632BE59BD9B4E019)) * 0xBF58476D1CE4E5B9) % (1 << 63)
+    return seed
+
+
+def skip_probability(layer: int, layers: int, progress: float, cfg: LDSConfig) -> float:
+    if layer < cfg.protect_first or layer >= layers - cfg.protect_last:
+        return 0.0
+    decay = (1.0 - min(max(progress, 0.0), 1.0)) ** 2
+    tilt = 1.0 + cfg.epsilon * (2 * layer - (layers - 1)) / (layers - 1) if layers > 1 else 1.0
+    return min(max(cfg.alpha * decay * tilt, 0.0), 1.0)
+
+
+def draw_skips(layers: int, progress: float, step: int, micro_batch: int, cfg: LDSConfig, seed: int) -> list[int]:
+    """The layers skipped at this (step, micro-batch): each with its own seeded coin."""
+    skipped = []
+    for layer in range(layers):
+        p = skip_probability(layer, layers, progress, cfg)
+        if p > 0:
+            coin = torch.rand(1, generator=torch.Generator().manual_seed(seed_of(seed, step, micro_batch, layer)))
+            if coin.item() < p:
+                skipped.append(layer)
+    return skipped

@@ -1,0 +1,85 @@
+"""Visual Token Compressor: which of an image's projected tokens the language model sees.
+
+Every strategy is one function with the same signature, registered in STRATEGIES:
+
+    strategy(features [n, d], grid (rows, cols), keep: int, context) -> (kept [k, d], sources [k])
+
+`sources` are the indices (into the image's n tokens, ascending) whose positions the kept
+tokens take; selection strategies return a subset of `features`, `pool` averages windows.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+
+@dataclass
+class Context:
+    """What a strategy may look at besides the image's own tokens."""
+
+    instruction: torch.Tensor | None  # [t, d] embeddings of the user's text (never answers); None if absent
+    generator: torch.Generator
+
+
+def evenly_spaced(count: int, total: int) -> torch.Tensor:
+    """`count` centred, evenly spaced indices in range(total)."""
+    return ((torch.arange(count) + 0.5) * total / count).floor().long()
+
+
+def uniform(features, grid, keep, context):
+    rows, cols = grid
+    side = math.isqrt(keep)
+    if side * side == keep and side <= min(rows, cols):
+        # A regular sub-grid: keeps coverage of the whole image in both directions.
+        r, c = evenly_spaced(side, rows), evenly_spaced(side, cols)
+        sources = (r[:, None] * cols + c[None, :]).flatten()
+    else:
+        sources = evenly_spaced(keep, rows * cols)
+    return features[sources], sources
+
+
+def random(features, grid, keep, context):
+    sources = torch.randperm(len(features), generator=context.generator)[:keep].sort().values
+    return features[sources.to(features.device)], sources
+
+
+def text_guided(features, grid, keep, context):
+    """Keep the tokens most similar (cosine, best match over the instruction's tokens)
+    to the instruction text; needs no attention maps, so it works with SDPA/FlashAttention."""
+    if context.instruction is None or len(context.instruction) == 0:
+        return uniform(features, grid, keep, context)
+    similarity = F.normalize(features.detach().float(), dim=-1) @ F.normalize(context.instruction.detach().float(), dim=-1).T
+    scores = similarity.max(dim=-1).values
+    sources = scores.topk(keep).indices.sort().values.cpu()
+    return features[sources.to(features.device)], sources
+
+
+def pool(features, grid, keep, context):
+    """Average k x k windows, k chosen so about `keep` tokens remain; every pixel stays covered."""
+    rows, cols = grid
+    k = max(1, round(math.sqrt(rows * cols / keep)))
+    image = features.T.reshape(1, -1, rows, cols)
+    pooled = F.avg_pool2d(image, k, ceil_mode=True).flatten(2)[0].T
+    out_rows, out_cols = math.ceil(rows / k), math.ceil(cols / k)
+    r, c = torch.arange(out_rows) * k, torch.arange(out_cols) * k
+    sources = (r[:, None] * cols + c[None, :]).flatten()  # each window takes its top-left position
+    return pooled, sources
+
+
+STRATEGIES = {"uniform": uniform, "random": random, "text_guided": text_guided, "pool": pool}
+
+
+def kept_count(total: int, keep_ratio: float) -> int:
+    return max(1, min(total, round(total * keep_ratio)))
+
+
+def compress(strategy: str, features: torch.Tensor, grid: tuple[int, int], keep_ratio: float, context: Context):
+    if strategy not in STRATEGIES:
+        raise ValueError(f"unknown vtc.strategy {strategy!r}; choose one of {sorted(STRATEGIES)}")
+    if keep_ratio >= 1.0:
+        return features, torch.arange(len(features))
+    return STRATEGIES[strategy](features, grid, kept_count(len(features), keep_ratio), context)

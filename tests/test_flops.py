@@ -1,0 +1,49 @@
+import pytest
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+import sts
+from sts.adapters import get_adapter
+from sts.data.llava import Collator, LlavaDataset
+from sts.flops import Shapes, train_step_flops
+from sts.models.tiny import build_model
+from tests.conftest import TEST_SIZES
+
+STAGES = {
+    "align": {"vision_tower": False, "projector": True, "language_model": False},
+    "instruct": {"vision_tower": False, "projector": True, "language_model": True},
+    "everything": {"vision_tower": True, "projector": True, "language_model": True},
+}
+
+
+@pytest.fixture(scope="module")
+def batch(synth_data, processor):
+    dataset = LlavaDataset(synth_data["train"], processor)
+    return Collator(processor.tokenizer.pad_token_id)([dataset[i] for i in range(4)])
+
+
+def measured_step(model, batch):
+    with FlopCounterMode(display=False) as counter:
+        model(**batch).loss.backward()
+    return counter.get_total_flops()
+
+
+@pytest.mark.parametrize("stage", STAGES)
+@pytest.mark.parametrize("sparsity", [None, "vtc", "lds"])
+def test_analytic_flops_match_the_flop_counter(batch, stage, sparsity):
+    model = build_model(TEST_SIZES.model_copy(update={"text_layers": 6}), base=False).train()
+    model.set_attn_implementation("eager")  # the counter does not see the CPU's fused SDPA kernel
+    get_adapter(model).set_trainable({k: "full" if v else "frozen" for k, v in STAGES[stage].items()})
+    if sparsity == "vtc":
+        sts.apply_sts(model, {"vtc": {"strategy": "uniform", "keep_ratio": 0.25}})
+    elif sparsity == "lds":
+        sts.apply_sts(model, {"lds": {"alpha": 0.9}})
+    measured = measured_step(model, batch)
+    length, layers_run = batch["input_ids"].shape[1], 6
+    if sparsity:
+        stats = sts.step_stats(model)
+        length, layers_run = stats["lm_seq_len"], 6 - len(stats["skipped_layers"])
+        assert layers_run < 6 if sparsity == "lds" else length < batch["input_ids"].shape[1]
+    predicted = sum(train_step_flops(Shapes.of(model.config), len(batch["input_ids"]), length,
+                                     len(batch["pixel_values"]), STAGES[stage], layers_run).values())
+    assert predicted == pytest.approx(measured, rel=0.05)

@@ -1,0 +1,191 @@
+import math
+
+import pytest
+import torch
+
+import sts
+from sts.data.llava import IGNORE_INDEX, Collator, LlavaDataset
+from sts.models.tiny import build_model
+from sts.vtc import Context, kept_count, text_guided
+from tests.conftest import TEST_SIZES
+
+STRATEGIES = ["uniform", "random", "text_guided", "pool"]
+PATCHES = (TEST_SIZES.image_size // TEST_SIZES.patch_size) ** 2
+
+
+@pytest.fixture
+def model():
+    return build_model(TEST_SIZES, seed=3, base=False).train()
+
+
+@pytest.fixture(scope="module")
+def batch(synth_data, processor):
+    dataset = LlavaDataset(synth_data["train"], processor)
+    samples = [dataset[i] for i in range(4)]
+    # Ragged lengths: the second sample loses its last turn, so the batch is padded.
+    samples[1] = {**samples[1], "input_ids": samples[1]["input_ids"][:-8], "labels": samples[1]["labels"][:-8]}
+    return Collator(processor.tokenizer.pad_token_id)(samples)
+
+
+def record_language_model_inputs(model):
+    """A forward pre-hook on the language model: what it really receives."""
+    seen = []
+    model.model.language_model.register_forward_pre_hook(lambda module, args, kwargs: seen.append(kwargs),
+                                                         with_kwargs=True)
+    return seen
+
+
+def expected_kept(strategy: str, ratio: float) -> int:
+    if strategy == "pool" and ratio < 1:
+        k = max(1, round(math.sqrt(1 / ratio)))
+        return math.ceil(math.isqrt(PATCHES) / k) ** 2
+    return kept_count(PATCHES, ratio)
+
+
+@pytest.mark.parametrize("strategy", STRATEGIES)
+@pytest.mark.parametrize("ratio", [0.25, 0.5, 1.0])
+def test_language_model_receives_exactly_the_kept_tokens(model, batch, strategy, ratio):
+    seen = record_language_model_inputs(model)
+    sts.apply_sts(model, sts.STSConfig(vtc={"strategy": strategy, "keep_ratio": ratio}))
+    model(**batch)
+    mask = seen[-1]["attention_mask"]
+    text_tokens = (batch["attention_mask"].bool() & (batch["input_ids"] != model.config.image_token_id)).sum(1)
+    assert mask.sum(1).tolist() == (text_tokens + expected_kept(strategy, ratio)).tolist()
+    assert seen[-1]["inputs_embeds"].shape[1] == int(mask.sum(1).max())
+    stats = sts.step_stats(model)
+    assert stats["visual_tokens_in"] == 4 * PATCHES
+    assert stats["visual_tokens_kept"] == 4 * expected_kept(strategy, ratio)
+
+
+def test_kept_tokens_keep_their_positions_unless_reindexed(model, batch):
+    seen = record_language_model_inputs(model)
+    sts.apply_sts(model, {"vtc": {"strategy": "uniform", "keep_ratio": 0.25}})
+    model(**batch)
+    positions, mask = seen[-1]["position_ids"][0], seen[-1]["attention_mask"][0].bool()
+    first_image = int((batch["input_ids"][0] == model.config.image_token_id).nonzero()[0])
+    kept_images = positions[mask][first_image : first_image + PATCHES // 4] - first_image
+    side = math.isqrt(PATCHES)  # a 4x4 sub-grid of the 8x8 grid, centred: rows/cols 1, 3, 5, 7
+    assert kept_images.tolist() == [r * side + c for r in (1, 3, 5, 7) for c in (1, 3, 5, 7)]
+    assert positions[mask][-1] == int(batch["attention_mask"][0].sum()) - 1, "text keeps its original position"
+
+    sts.apply_sts(model, {"vtc": {"strategy": "uniform", "keep_ratio": 0.25, "reindex_positions": True}})
+    model(**batch)
+    positions, mask = seen[-1]["position_ids"][0], seen[-1]["attention_mask"][0].bool()
+    assert positions[mask].tolist() == list(range(int(mask.sum())))
+
+
+def test_full_keep_ratio_gives_the_unpatched_loss(model, batch):
+    reference = model(**batch).loss
+    sts.apply_sts(model, {"vtc": {"strategy": "uniform", "keep_ratio": 1.0}})
+    assert torch.equal(model(**batch).loss, reference)
+
+
+def test_labels_stay_on_the_answers(model, batch):
+    seen = []
+    original = model.loss_function
+    model.loss_function = lambda logits, labels, **kw: seen.append(labels) or original(logits, labels, **kw)
+    sts.apply_sts(model, {"vtc": {"strategy": "random", "keep_ratio": 0.25}})
+    model(**batch)
+    kept_labels = seen[-1]
+    for row in range(len(kept_labels)):
+        original_answers = batch["labels"][row][batch["labels"][row] != IGNORE_INDEX]
+        assert torch.equal(kept_labels[row][kept_labels[row] != IGNORE_INDEX], original_answers)
+
+
+def test_eval_mode_is_the_unpatched_model_bit_for_bit(model, batch):
+    model.eval()
+    with torch.no_grad():
+        reference = model(**batch).logits
+        sts.apply_sts(model, {"vtc": {"strategy": "text_guided", "keep_ratio": 0.25}})
+        patched = model(**batch).logits
+        sts.remove_sts(model)
+        removed = model(**batch).logits
+    assert torch.equal(patched, reference) and torch.equal(removed, reference)
+
+
+@pytest.mark.parametrize("strategy", STRATEGIES)
+def test_gradients_reach_every_trainable_part(model, batch, strategy):
+    model.model.vision_tower.requires_grad_(False)
+    sts.apply_sts(model, {"vtc": {"strategy": strategy, "keep_ratio": 0.25}})
+    model(**batch).loss.backward()
+    for name, param in model.named_parameters():
+        if "vision_tower" in name:
+            assert param.grad is None, name
+        elif "embed_tokens" not in name:
+            assert param.grad is not None and param.grad.abs().sum() > 0, name
+
+
+def test_random_is_reproducible_per_step_and_fresh_across_steps(model, batch):
+    seen = record_language_model_inputs(model)
+    sts.apply_sts(model, {"vtc": {"strategy": "random", "keep_ratio": 0.25}, "seed": 5})
+    draws = []
+    for step in (1, 1, 2):
+        sts.set_progress(model, 0, 10)
+        sts.set_progress(model, step, 10)  # a new step: the micro-batch counter starts at 0
+        with torch.no_grad():
+            model(**batch)
+        draws.append(seen[-1]["inputs_embeds"])
+    assert torch.equal(draws[0], draws[1])
+    assert not torch.equal(draws[0], draws[2])
+
+
+def test_final_fraction_trains_on_full_tokens(model, batch):
+    sts.apply_sts(model, {"vtc": {"strategy": "uniform", "keep_ratio": 0.25, "full_tokens_final_fraction": 0.2}})
+    sts.set_progress(model, 79, 100)
+    model(**batch)
+    assert sts.step_stats(model)["visual_tokens_kept"] == 4 * PATCHES // 4
+    sts.set_progress(model, 80, 100)
+    model(**batch)
+    assert sts.step_stats(model)["visual_tokens_kept"] == 4 * PATCHES
+
+
+def test_text_guided_keeps_what_the_question_names(model, batch, processor):
+    """Image tokens that equal the question's word embedding are kept; those that equal the
+    answer's are not (answers are what is being predicted, never a guide)."""
+    row = 0
+    ids, labels = batch["input_ids"][row], batch["labels"][row]
+    instruction_ids = set(ids[labels == IGNORE_INDEX].tolist())
+    answer_id = next(int(t) for t in labels[labels != IGNORE_INDEX] if int(t) not in instruction_ids)
+    question_word = processor.tokenizer.convert_tokens_to_ids("What")
+    embed = model.get_input_embeddings().weight.detach()
+    quarter = PATCHES // 4
+    chosen = torch.randperm(PATCHES, generator=torch.Generator().manual_seed(0))[: 2 * quarter]
+    question_slots, answer_slots = chosen[:quarter].sort().values, chosen[quarter:].sort().values
+
+    features = torch.randn(PATCHES, embed.shape[1]) * 0.01
+    features[question_slots] = embed[question_word] + 0.01 * torch.randn(quarter, embed.shape[1])
+    features[answer_slots] = embed[answer_id] * 3
+    single = {k: v[row : row + 1] for k, v in batch.items()}
+    if not (ids == question_word).any():
+        pytest.skip("first record has no 'What' question")
+    sts.apply_sts(model, {"vtc": {"strategy": "text_guided", "keep_ratio": 0.25}})
+    state = model._sts_state
+    state.adapter.image_features = lambda inputs: [(features, (8, 8))]
+    seen = record_language_model_inputs(model)
+    model(**single)
+    first_image = int((ids == model.config.image_token_id).nonzero()[0])
+    kept_positions = seen[-1]["position_ids"][0][first_image : first_image + quarter] - first_image
+    assert kept_positions.tolist() == question_slots.tolist()
+
+
+def test_text_guided_without_instruction_falls_back_to_uniform():
+    features = torch.randn(64, 16)
+    context = Context(instruction=None, generator=torch.Generator())
+    kept, sources = text_guided(features, (8, 8), 16, context)
+    assert sources.tolist() == [r * 8 + c for r in (1, 3, 5, 7) for c in (1, 3, 5, 7)]
+
+
+def test_sample_without_image_is_untouched(model, processor):
+    from pathlib import Path
+
+    from sts.data.llava import encode
+
+    text_only = encode(processor, {"conversations": [{"from": "human", "value": "How many circles are there?"},
+                                                     {"from": "gpt", "value": "2"}]}, Path("."))
+    batch = Collator(processor.tokenizer.pad_token_id)([text_only])
+    seen = record_language_model_inputs(model)
+    model(**batch)
+    sts.apply_sts(model, {"vtc": {"strategy": "uniform", "keep_ratio": 0.25}})
+    model(**batch)
+    assert torch.equal(seen[-1]["inputs_embeds"], seen[-2]["inputs_embeds"])
+    assert torch.equal(seen[-1]["attention_mask"], batch["attention_mask"])
