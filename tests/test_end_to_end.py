@@ -80,6 +80,7 @@ def test_demo_compares_the_recipes_and_writes_results(tmp_path):
     # The compressor really shortens alignment: fewer FLOPs for the same samples.
     assert sparse["stages"][0]["flops"] < 0.7 * baseline["stages"][0]["flops"]
     assert sparse["stages"][0]["samples"] == baseline["stages"][0]["samples"]
-    assert (tmp_path / "demo.png").stat().st_size > 10_000
+    assert (tmp_path / "loss.png").stat().st_size > 10_000
+    assert (tmp_path / "accuracy.png").stat().st_size > 10_000
     expected = sparse["accuracy"] / baseline["accuracy"] if baseline["accuracy"] else None
     assert results["runs"]["sts"]["retention"] == expected

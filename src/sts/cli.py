@@ -48,7 +48,7 @@ def cmd_pretrain_base(args) -> None:
     from sts.pretrain import pretrain_base
 
     pretrain_base(args.out, records=args.records, vision_steps=args.vision_steps,
-                  language_steps=args.language_steps, seed=args.seed)
+                  language_steps=args.language_steps, seed=args.seed, resume=args.resume)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -96,9 +96,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     pretrain = commands.add_parser("pretrain-base", help="re-create the tiny model's shipped base weights")
     pretrain.add_argument("--out", default="runs/pretrain-base")
-    pretrain.add_argument("--records", type=int, default=20000)
-    pretrain.add_argument("--vision-steps", type=int, default=400)
-    pretrain.add_argument("--language-steps", type=int, default=3000)
+    pretrain.add_argument("--records", type=int, default=12000)
+    pretrain.add_argument("--vision-steps", type=int, default=150)
+    pretrain.add_argument("--language-steps", type=int, default=4500)
+    pretrain.add_argument("--resume", action="store_true", help="continue the language model from the shipped weights")
     pretrain.add_argument("--seed", type=int, default=1234)
     pretrain.set_defaults(run=cmd_pretrain_base)
     return parser

@@ -1,6 +1,8 @@
 """`sts demo`: the same tiny LLaVA, from the same weights, on the same data, trained by
 each recipe, then evaluated with the full model; one table, two plots, one JSON.
 
+Writes DIR/results.json, DIR/loss.png and DIR/accuracy.png.
+
 Recipes (overrides of the shipped `demo` recipe):
 - `baseline`: no STS;
 - `sts`: the paper's design: compressor in alignment, skipper in instruction tuning;
@@ -81,37 +83,42 @@ def format_results(results: dict) -> str:
 
 
 def plot(results: dict, out: Path) -> None:
+    """loss.png: training loss against wall-clock time; accuracy.png: accuracy per question type."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     runs = results["runs"]
-    figure, (losses, accuracy) = plt.subplots(1, 2, figsize=(12, 4.2))
+    caption = f"sts demo, {results['machine']}, {results['date']}"
+    figure, axis = plt.subplots(figsize=(7, 4.2))
     for name, run in runs.items():
         offset, times, values = 0.0, [], []
         for stage in run["stages"]:
             times += [offset + seconds for seconds, _, _ in stage["losses"]]
             values += [loss for _, _, loss in stage["losses"]]
             offset += stage["seconds"]
-        losses.plot(times, values, label=f"{name} ({run['train_seconds']:.0f}s)")
-    losses.set(xlabel="wall-clock training time (s)", ylabel="training loss", yscale="log",
-               title="loss against time (align, then instruct)")
-    losses.legend()
-    losses.grid(alpha=0.3)
+        axis.plot(times, values, label=f"{name} ({run['train_seconds']:.0f}s)")
+    axis.set(xlabel="wall-clock training time (s)", ylabel="training loss", yscale="log",
+             title=f"loss against time (align, then instruct)\n{caption}")
+    axis.legend()
+    axis.grid(alpha=0.3)
+    figure.tight_layout()
+    figure.savefig(out / "loss.png", dpi=110)
+    plt.close(figure)
 
     types = list(next(iter(runs.values()))["per_type"]) + ["overall"]
     width = 0.8 / len(runs)
+    figure, axis = plt.subplots(figsize=(7, 4.2))
     for i, (name, run) in enumerate(runs.items()):
         values = [run["per_type"][t] for t in types[:-1]] + [run["accuracy"]]
-        accuracy.bar([x + i * width for x in range(len(types))], values, width, label=name)
-    accuracy.set_xticks([x + width * (len(runs) - 1) / 2 for x in range(len(types))], types)
-    accuracy.set(ylim=(0, 1), ylabel="test accuracy (full model)", title="accuracy per question type")
-    accuracy.legend(loc="lower right")
-    accuracy.grid(alpha=0.3, axis="y")
-    figure.suptitle(f"sts demo: {results['machine']}, {results['date']}")
+        axis.bar([x + i * width for x in range(len(types))], values, width, label=name)
+    axis.set_xticks([x + width * (len(runs) - 1) / 2 for x in range(len(types))], types)
+    axis.set(ylim=(0, 1), ylabel="test accuracy (full model)", title=f"accuracy per question type\n{caption}")
+    axis.legend(loc="lower right")
+    axis.grid(alpha=0.3, axis="y")
     figure.tight_layout()
-    figure.savefig(out / "demo.png", dpi=110)
+    figure.savefig(out / "accuracy.png", dpi=110)
     plt.close(figure)
 
 
@@ -130,5 +137,5 @@ def run_demo(out: str | Path = "runs/demo", train: int = 4000, test: int = 300, 
     plot(results, out)
     (out / "results.json").write_text(json.dumps(results, indent=2))
     print("\n" + format_results(results))
-    print(f"\nresults: {out / 'results.json'}; plots: {out / 'demo.png'}")
+    print(f"\nresults: {out / 'results.json'}; plots: {out / 'loss.png'}, {out / 'accuracy.png'}")
     return results

@@ -29,7 +29,7 @@ from transformers import get_cosine_schedule_with_warmup
 
 from sts.data.llava import IGNORE_INDEX, Collator, LlavaDataset
 from sts.data.synth import CELL, COLOURS, GRID, SHAPES, generate
-from sts.models.tiny import BASE_WEIGHTS, TinyModelConfig, build_model, build_processor, save_base_weights
+from sts.models.tiny import BASE_WEIGHTS, TinyModelConfig, build_model, build_processor, load_extra, save_base_weights
 
 NUM_CONTENTS = 1 + len(COLOURS) * len(SHAPES)  # empty, or one colour-shape pair
 
@@ -73,7 +73,9 @@ class SceneBatches:
                 yield batch
 
 
-def train_loop(name: str, params, loss_fn, batches, steps: int, lr: float, log_every: int = 100):
+def train_loop(name: str, params, loss_fn, batches, steps: int, lr: float, log_every: int = 100,
+               checkpoint=None):
+    """AdamW with warm-up and cosine decay; `checkpoint()` runs at every log line."""
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
     schedule = get_cosine_schedule_with_warmup(optimizer, max(1, steps // 20), steps)
     bar = tqdm(range(steps), desc=f"pretrain {name}")
@@ -88,6 +90,8 @@ def train_loop(name: str, params, loss_fn, batches, steps: int, lr: float, log_e
         bar.set_postfix(loss=f"{loss.item():.3f}", acc=f"{accuracy:.3f}")
         if (step + 1) % log_every == 0:
             tqdm.write(f"{name} step {step + 1}: loss {loss.item():.4f} accuracy {accuracy:.3f}")
+            if checkpoint:
+                checkpoint()
     return accuracy
 
 
@@ -116,13 +120,13 @@ def pretrain_vision(model, cfg: TinyModelConfig, batches, steps: int, lr: float)
     return train_loop("vision", params, loss_fn, batches, steps, lr)
 
 
-def pretrain_language(model, cfg: TinyModelConfig, processor, batches, steps: int, lr: float) -> float:
+def pretrain_language(model, cfg: TinyModelConfig, processor, batches, steps: int, lr: float,
+                      empty: nn.Parameter, checkpoint=None) -> float:
     """Scene cells are written with the LM's own word embeddings (colour + shape + side),
-    plus a learned 'empty' vector: a scene description in the model's vocabulary."""
+    plus a learned `empty` vector: a scene description in the model's vocabulary."""
     image_token = model.config.image_token_index
     tokenizer = processor.tokenizer
     embed_tokens = model.get_input_embeddings()
-    empty = nn.Parameter(torch.randn(cfg.text_hidden) * 0.02)
 
     def describe(scenes):
         words = [[[] if o is None else [o["colour"], o["shape"], "left" if o["col"] < GRID // 2 else "right"]
@@ -142,14 +146,16 @@ def pretrain_language(model, cfg: TinyModelConfig, processor, batches, steps: in
         hits = out.logits[:, :-1].argmax(-1)[answered] == labels[answered]
         return out.loss, hits.float().mean().item()
 
-    params = list(model.model.language_model.parameters()) + list(model.lm_head.parameters()) + [empty]
-    return train_loop("language", params, loss_fn, batches, steps, lr)
+    params = list({id(p): p for p in [*model.model.language_model.parameters(), *model.lm_head.parameters()]}.values())
+    params.append(empty)  # (a tied head shares the embedding: each parameter once)
+    return train_loop("language", params, loss_fn, batches, steps, lr, checkpoint=checkpoint)
 
 
-def pretrain_base(out: str | Path = "runs/pretrain-base", records: int = 8000, vision_steps: int = 400,
-                  language_steps: int = 2000, batch_size: int = 32, seed: int = 1234,
-                  weights: Path = BASE_WEIGHTS) -> dict:
-    """Pre-train the tiny vision tower and language model; write the shipped base weights."""
+def pretrain_base(out: str | Path = "runs/pretrain-base", records: int = 12000, vision_steps: int = 150,
+                  language_steps: int = 4500, batch_size: int = 32, seed: int = 1234,
+                  weights: Path = BASE_WEIGHTS, resume: bool = False) -> dict:
+    """Pre-train the tiny vision tower and language model; write the shipped base weights
+    (every 100 language steps too). `resume` continues the language model from `weights`."""
     out = Path(out)
     started = time.time()
     cfg = TinyModelConfig()
@@ -157,11 +163,18 @@ def pretrain_base(out: str | Path = "runs/pretrain-base", records: int = 8000, v
     paths = generate(out / "data", train=records, test=1, seed=seed, questions_per_type=3)
     processor = build_processor(cfg)
     dataset = LlavaDataset(paths["train"], processor)
-    model = build_model(cfg, seed=seed, base=False)
-    model.train()
-    vision_accuracy = pretrain_vision(model, cfg, SceneBatches(dataset, 2 * batch_size, seed), vision_steps, 3e-3)
-    language_accuracy = pretrain_language(model, cfg, processor, SceneBatches(dataset, batch_size, seed), language_steps, 1e-3)
-    save_base_weights(model, cfg, weights)
+    model = build_model(cfg, seed=seed, base=resume).train()
+    empty = nn.Parameter(load_extra(weights, "pretrain.empty") if resume else torch.randn(cfg.text_hidden) * 0.02)
+    vision_accuracy = None
+    if not resume:
+        vision_accuracy = pretrain_vision(model, cfg, SceneBatches(dataset, 2 * batch_size, seed), vision_steps, 3e-3)
+
+    def checkpoint():
+        save_base_weights(model, cfg, weights, extra={"pretrain.empty": empty})
+
+    language_accuracy = pretrain_language(model, cfg, processor, SceneBatches(dataset, batch_size, seed + resume),
+                                          language_steps, 1e-3, empty, checkpoint)
+    checkpoint()
     summary = {
         "vision_patch_accuracy": vision_accuracy,
         "language_answer_accuracy": language_accuracy,

@@ -139,11 +139,20 @@ def build_model(cfg: TinyModelConfig | None = None, seed: int = 0, base: bool = 
     return model
 
 
-def save_base_weights(model: LlavaForConditionalGeneration, cfg: TinyModelConfig, path: Path = BASE_WEIGHTS) -> Path:
+EXTRA_PREFIX = "pretrain."  # pre-training state kept beside the weights (for resuming), never loaded into a model
+
+
+def save_base_weights(model: LlavaForConditionalGeneration, cfg: TinyModelConfig, path: Path = BASE_WEIGHTS,
+                      extra: dict[str, torch.Tensor] | None = None) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
-    tensors = {k: v.detach().contiguous() for k, v in model.state_dict().items() if is_base_part(k)}
+    tensors = {k: v.detach().clone().contiguous() for k, v in model.state_dict().items() if is_base_part(k)}
+    tensors.update({k: v.detach().clone().contiguous() for k, v in (extra or {}).items()})
     save_file(tensors, str(path), metadata={"tiny_config": cfg.model_dump_json()})
     return path
+
+
+def load_extra(path: Path, key: str) -> torch.Tensor:
+    return load_file(str(path))[key]
 
 
 def load_base_weights(model: LlavaForConditionalGeneration, cfg: TinyModelConfig, path: Path = BASE_WEIGHTS) -> None:
@@ -158,5 +167,6 @@ def load_base_weights(model: LlavaForConditionalGeneration, cfg: TinyModelConfig
             f"the base weights at {path} fit {trained_for.model_dump()}, not {cfg.model_dump()}; "
             "use the default sizes, set model.base=false, or re-run `sts pretrain-base`"
         )
-    missing, unexpected = model.load_state_dict(load_file(str(path)), strict=False)
+    weights = {k: v for k, v in load_file(str(path)).items() if not k.startswith(EXTRA_PREFIX)}
+    missing, unexpected = model.load_state_dict(weights, strict=False)
     assert not unexpected and all(not is_base_part(k) for k in missing), (missing, unexpected)
