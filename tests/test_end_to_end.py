@@ -4,7 +4,6 @@ import torch
 
 from sts.cli import main
 from sts.data.llava import LlavaDataset
-from sts.evaluate import evaluate
 from tests.conftest import TEST_SIZES
 
 

@@ -1,5 +1,4 @@
 import pytest
-import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 import sts

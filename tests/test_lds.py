@@ -35,7 +35,7 @@ def test_schedule_is_the_papers_formula():
             expected = 0.6 * (1 - progress) ** 2 * (1 + 0.5 * (2 * layer - (LAYERS - 1)) / (LAYERS - 1))
             assert skip_probability(layer, LAYERS, progress, cfg) == pytest.approx(expected)
     protected = LDSConfig(alpha=0.6, protect_first=2, protect_last=1)
-    assert [skip_probability(l, LAYERS, 0.0, protected) > 0 for l in range(LAYERS)] == [False] * 2 + [True] * 5 + [False]
+    assert [skip_probability(layer, LAYERS, 0.0, protected) > 0 for layer in range(LAYERS)] == [False] * 2 + [True] * 5 + [False]
     assert skip_probability(LAYERS - 2, LAYERS, 0.0, LDSConfig(alpha=1.0, epsilon=1.0)) == 1.0  # clipped
 
 

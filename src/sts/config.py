@@ -8,7 +8,6 @@ from typing import Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-
 RECIPES_DIR = Path(__file__).resolve().parent / "configs"
 
 

@@ -23,10 +23,10 @@ from transformers import (
 
 from sts.adapters import get_adapter
 from sts.config import RecipeConfig, StageConfig, STSConfig
-from sts.flops import Shapes, train_step_flops
-from sts.patch import apply_sts, drain_stats, remove_sts, set_progress, step_stats
 from sts.data.llava import Collator, LlavaDataset
+from sts.flops import Shapes, train_step_flops
 from sts.models import tiny
+from sts.patch import apply_sts, drain_stats, remove_sts, set_progress, step_stats
 
 
 def load_model_and_processor(path: str | Path):
