@@ -8,6 +8,7 @@ to know about training progress comes from `set_progress`; nothing here logs or 
 from __future__ import annotations
 
 import functools
+from collections import deque
 
 import torch
 
@@ -28,7 +29,8 @@ class STSState:
         self.micro_batch = 0  # training forwards since the optimizer step last changed
         self.stats: dict = {}
         self.layer_draws, self.layers_skipped = 0, 0  # for the running skip rate
-        self.history: list[dict] = []  # stats of every training forward since the last drain
+        # Stats of every training forward since the last drain; bounded, for loops that never drain.
+        self.history: deque[dict] = deque(maxlen=4096)
 
     @property
     def progress(self) -> float:
@@ -118,7 +120,8 @@ def step_stats(model) -> dict:
 def drain_stats(model) -> list[dict]:
     """The stats of every training forward since the last call (for exact FLOPs accounting)."""
     state = state_of(model)
-    history, state.history = state.history, []
+    history = list(state.history)
+    state.history.clear()
     return history
 
 
