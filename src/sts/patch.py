@@ -14,6 +14,7 @@ import torch
 
 from sts.adapters import get_adapter
 from sts.config import STSConfig
+from sts.data.llava import IGNORE_INDEX
 from sts.lds import draw_skips, seed_of
 from sts.vtc import Context, compress
 
@@ -144,7 +145,7 @@ def compress_visual_tokens(state: STSState, inputs: dict) -> dict:
     image_mask = input_ids == adapter.image_token_id
     instruction_mask = attention_mask.bool() & ~image_mask & ~adapter.special_token_mask(input_ids)
     if labels is not None:
-        instruction_mask &= labels == -100
+        instruction_mask &= labels == IGNORE_INDEX
 
     rows, image_index = [], 0
     kept_total = 0
@@ -172,13 +173,16 @@ def compress_visual_tokens(state: STSState, inputs: dict) -> dict:
     out_embeds = embeds.new_zeros(batch, new_length, embeds.shape[-1])
     out_mask = torch.zeros(batch, new_length, dtype=attention_mask.dtype, device=input_ids.device)
     out_positions = torch.zeros(batch, new_length, dtype=positions.dtype, device=input_ids.device)
-    out_labels = None if labels is None else torch.full_like(out_mask, -100, dtype=labels.dtype)
+    out_labels = None if labels is None else torch.full_like(out_mask, IGNORE_INDEX, dtype=labels.dtype)
     for b, (row_embeds, keep) in enumerate(rows):
         index = keep.nonzero().flatten()
         n = len(index)
         out_embeds[b, :n] = row_embeds[index]
         out_mask[b, :n] = 1
-        out_positions[b, :n] = positions[b, index] if not vtc.reindex_positions else torch.arange(n)
+        if vtc.reindex_positions:
+            out_positions[b, :n] = torch.arange(n, device=positions.device)
+        else:
+            out_positions[b, :n] = positions[b, index]
         if labels is not None:
             out_labels[b, :n] = labels[b, index]
 
