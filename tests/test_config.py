@@ -56,3 +56,17 @@ def test_unknown_recipe_and_malformed_override(tmp_path):
 def test_stage_names_must_be_unique(tmp_path):
     with pytest.raises(ConfigError, match="unique"):
         load_recipe(write(tmp_path, GOOD.replace("stages:\n", "stages:\n  - {name: align, learning_rate: 1.0}\n")))
+
+
+def test_demo_recipe_selection_defines_variants_and_always_runs_the_baseline():
+    from sts.demo import RECIPES, select_recipes
+
+    assert select_recipes(None) == RECIPES
+    chosen = select_recipes(["sts", "pool=vtc.strategy=pool lds=null"])
+    assert list(chosen) == ["baseline", "sts", "pool"]
+    assert chosen["pool"] == ["vtc.strategy=pool", "lds=null"]
+    with pytest.raises(ConfigError, match="'stss'"):
+        select_recipes(["stss"])
+    # every variant must still be a valid recipe
+    for overrides in chosen.values():
+        load_recipe("demo", overrides)

@@ -24,3 +24,21 @@ def test_shipped_base_weights_keep_pretraining_state_out_of_the_model():
     model_keys = set(build_model(base=False).state_dict())
     assert {k for k in stored if not k.startswith("pretrain.")} <= model_keys
     assert all(torch.isfinite(v).all() for v in stored.values())
+
+
+def test_shipped_base_language_model_answers_every_question_type_from_symbolic_scenes(tmp_path):
+    """The base LM must already reason over a scene, so the demo's stages only have to teach
+    the projector (and LM) to see; position included, the type that once sat at chance."""
+    from sts.data.llava import LlavaDataset
+    from sts.data.synth import QUESTION_TYPES, generate
+    from sts.models.tiny import BASE_WEIGHTS, build_model, build_processor, load_extra
+    from sts.pretrain import SceneBatches, SymbolicAnswers, held_out_accuracy
+
+    cfg = TinyModelConfig()
+    paths = generate(tmp_path, train=1, test=48, seed=99, questions_per_type=2)
+    processor = build_processor(cfg)
+    batch = next(iter(SceneBatches(LlavaDataset(paths["test"], processor), 48, seed=0)))
+    scorer = SymbolicAnswers(build_model(cfg, base=True), cfg, processor.tokenizer, load_extra(BASE_WEIGHTS, "pretrain.empty"))
+    accuracy = held_out_accuracy(scorer, batch)
+    assert set(accuracy) == {"overall", *QUESTION_TYPES}
+    assert all(value >= 0.9 for value in accuracy.values()), accuracy

@@ -40,8 +40,9 @@ def test_answers_agree_with_the_scene():
         _, _, _, colour, shape = question.rstrip("?").split()
         assert answer == ("yes" if any(o.colour == colour and o.shape == shape for o in scene) else "no")
         question, answer = ask("position", scene, rng)
-        obj = next(o for o in scene if o.colour == question.split()[2])
+        obj = next(o for o in scene if o.colour == question.split()[4])
         assert answer == ("left" if obj.col < 2 else "right")
+        assert "left" not in question and "right" not in question, "the question must not offer its answers"
         question, answer = ask("colour", scene, rng)
         shape = question.rstrip("?").split()[-1]
         matching = [o for o in scene if o.shape == shape]

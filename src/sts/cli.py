@@ -31,9 +31,9 @@ def cmd_eval(args) -> None:
 
 
 def cmd_demo(args) -> None:
-    from sts.demo import run_demo
+    from sts.demo import run_demo, select_recipes
 
-    run_demo(args.out, train=args.train, test=args.test, seed=args.seed)
+    run_demo(args.out, train=args.train, test=args.test, seed=args.seed, recipes=select_recipes(args.recipe))
 
 
 def cmd_bench(args) -> None:
@@ -59,6 +59,9 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--train", type=int, default=4000, help="training images (one conversation each)")
     demo.add_argument("--test", type=int, default=300, help="test images (five questions each)")
     demo.add_argument("--seed", type=int, default=0)
+    demo.add_argument("--recipe", action="append", metavar="NAME[='key=value ...']",
+                      help="run these recipes (repeatable; default: baseline, sts, sts-max): a shipped name, "
+                           "or a new name with overrides of the demo recipe; baseline always runs")
     demo.set_defaults(run=cmd_demo)
 
     data = commands.add_parser("data", help="datasets").add_subparsers(dest="data_command", required=True)

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from sts.config import load_recipe
+from sts.config import ConfigError, load_recipe
 from sts.data.synth import generate
 from sts.evaluate import evaluate
 from sts.train import run_recipe
@@ -32,6 +32,23 @@ RECIPES = {
         "lds.alpha=0.8",
     ],
 }
+
+
+def select_recipes(specs: list[str] | None) -> dict[str, list[str]]:
+    """`--recipe` values -> recipes to run. `NAME` picks a shipped one, `NAME=key=value ...` defines
+    a variant of the demo recipe; `baseline` always runs first, as every comparison needs it."""
+    if not specs:
+        return dict(RECIPES)
+    recipes = {"baseline": RECIPES["baseline"]}
+    for spec in specs:
+        name, _, overrides = spec.partition("=")
+        if overrides:
+            recipes[name] = overrides.split()
+        elif name in RECIPES:
+            recipes[name] = RECIPES[name]
+        else:
+            raise ConfigError(f"--recipe {name!r}: not one of {sorted(RECIPES)}; define one as NAME='key=value ...'")
+    return recipes
 
 
 def machine() -> str:

@@ -28,10 +28,18 @@ from tqdm import tqdm
 from transformers import get_cosine_schedule_with_warmup
 
 from sts.data.llava import IGNORE_INDEX, Collator, LlavaDataset
-from sts.data.synth import CELL, COLOURS, GRID, SHAPES, generate
-from sts.models.tiny import BASE_WEIGHTS, TinyModelConfig, build_model, build_processor, load_extra, save_base_weights
+from sts.data.synth import CELL, COLOURS, GRID, SHAPES, answer_words, generate
+from sts.models.tiny import (
+    BASE_WEIGHTS,
+    TinyModelConfig,
+    build_model,
+    build_processor,
+    load_extra,
+    save_base_weights,
+)
 
 NUM_CONTENTS = 1 + len(COLOURS) * len(SHAPES)  # empty, or one colour-shape pair
+HELD_OUT_SCENES = 64  # fresh scenes (three questions of each type) scored after training
 
 
 def patch_cells(cfg: TinyModelConfig) -> list[tuple[int, int]]:
@@ -60,6 +68,8 @@ class SceneBatches:
     """Collated batches that also carry each record's scene, forever, in a seeded order."""
 
     def __init__(self, dataset: LlavaDataset, batch_size: int, seed: int):
+        if len(dataset) < batch_size:  # full batches only: fewer records would yield nothing, forever
+            raise ValueError(f"{len(dataset)} records cannot fill one batch of {batch_size}")
         self.dataset = dataset
         self.collate = Collator(dataset.processor.tokenizer.pad_token_id)
         self.loader = DataLoader(range(len(dataset)), batch_size=batch_size, shuffle=True,
@@ -75,13 +85,14 @@ class SceneBatches:
 
 def train_loop(name: str, params, loss_fn, batches, steps: int, lr: float, log_every: int = 100,
                checkpoint=None):
-    """AdamW with warm-up and cosine decay; `checkpoint()` runs at every log line."""
+    """AdamW with warm-up and cosine decay. `loss_fn` returns (loss, accuracy, extra metrics
+    for the log line); `checkpoint()` runs at every log line."""
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
     schedule = get_cosine_schedule_with_warmup(optimizer, max(1, steps // 20), steps)
     bar = tqdm(range(steps), desc=f"pretrain {name}")
     stream = iter(batches)
     for step in bar:
-        loss, accuracy = loss_fn(next(stream))
+        loss, accuracy, metrics = loss_fn(next(stream))
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         optimizer.step()
@@ -89,7 +100,8 @@ def train_loop(name: str, params, loss_fn, batches, steps: int, lr: float, log_e
         optimizer.zero_grad(set_to_none=True)
         bar.set_postfix(loss=f"{loss.item():.3f}", acc=f"{accuracy:.3f}")
         if (step + 1) % log_every == 0:
-            tqdm.write(f"{name} step {step + 1}: loss {loss.item():.4f} accuracy {accuracy:.3f}")
+            details = "".join(f" {key} {value:.3f}" for key, value in metrics.items())
+            tqdm.write(f"{name} step {step + 1}: loss {loss.item():.4f} accuracy {accuracy:.3f}{details}")
             if checkpoint:
                 checkpoint()
     return accuracy
@@ -114,41 +126,64 @@ def pretrain_vision(model, cfg: TinyModelConfig, batches, steps: int, lr: float)
             axis_logits = heads[axis](features)
             loss = loss + F.cross_entropy(axis_logits.flatten(0, 1), target.repeat(len(features)))
         accuracy = (logits.argmax(-1) == content).float().mean().item()
-        return loss, accuracy
+        return loss, accuracy, {}
 
     params = list(tower.parameters()) + list(heads.parameters())
     return train_loop("vision", params, loss_fn, batches, steps, lr)
 
 
-def pretrain_language(model, cfg: TinyModelConfig, processor, batches, steps: int, lr: float,
-                      empty: nn.Parameter, checkpoint=None) -> float:
-    """Scene cells are written with the LM's own word embeddings (colour + shape + side),
-    plus a learned `empty` vector: a scene description in the model's vocabulary."""
-    image_token = model.config.image_token_index
-    tokenizer = processor.tokenizer
-    embed_tokens = model.get_input_embeddings()
+class SymbolicAnswers:
+    """The language model answering from a symbolic scene: each patch's cell written with the
+    LM's own word embeddings (colour + shape + side), or a learned `empty` vector."""
 
-    def describe(scenes):
+    def __init__(self, model, cfg: TinyModelConfig, tokenizer, empty: nn.Parameter):
+        self.model, self.cfg, self.tokenizer, self.empty = model, cfg, tokenizer, empty
+        self.embed_tokens = model.get_input_embeddings()
+        self.answer_type = {tokenizer.convert_tokens_to_ids(word): kind
+                            for kind, words in answer_words().items() for word in words}
+
+    def describe(self, scenes) -> torch.Tensor:
         words = [[[] if o is None else [o["colour"], o["shape"], "left" if o["col"] < GRID // 2 else "right"]
-                  for o in image] for image in patch_objects(scenes, cfg)]
-        ids = torch.tensor([[tokenizer.convert_tokens_to_ids(w) if w else [-1] * 3 for w in image] for image in words])
+                  for o in image] for image in patch_objects(scenes, self.cfg)]
+        ids = torch.tensor([[self.tokenizer.convert_tokens_to_ids(w) if w else [-1] * 3 for w in image]
+                            for image in words])
         present = (ids >= 0).unsqueeze(-1)
-        described = (embed_tokens(ids.clamp(min=0)) * present).sum(2)
-        return torch.where(present.any(2), described, empty)
+        described = (self.embed_tokens(ids.clamp(min=0)) * present).sum(2)
+        return torch.where(present.any(2), described, self.empty)
 
-    def loss_fn(batch):
+    def __call__(self, batch) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
+        """(loss, hit per answer token, question type per answer token)."""
         ids = batch["input_ids"]
-        embeds = embed_tokens(ids)
-        embeds = embeds.masked_scatter((ids == image_token).unsqueeze(-1), describe(batch["scenes"]))
-        out = model(inputs_embeds=embeds, attention_mask=batch["attention_mask"], labels=batch["labels"])
+        image_slots = (ids == self.model.config.image_token_index).unsqueeze(-1)
+        embeds = self.embed_tokens(ids).masked_scatter(image_slots, self.describe(batch["scenes"]))
+        out = self.model(inputs_embeds=embeds, attention_mask=batch["attention_mask"], labels=batch["labels"])
         labels = batch["labels"][:, 1:]
-        answered = (labels != IGNORE_INDEX) & (labels != tokenizer.eos_token_id)
+        answered = (labels != IGNORE_INDEX) & (labels != self.tokenizer.eos_token_id)
         hits = out.logits[:, :-1].argmax(-1)[answered] == labels[answered]
-        return out.loss, hits.float().mean().item()
+        return out.loss, hits, [self.answer_type[label] for label in labels[answered].tolist()]
 
+
+def accuracy_by_type(hits: torch.Tensor, kinds: list[str]) -> dict[str, float]:
+    return {kind: hits[[k == kind for k in kinds]].float().mean().item() for kind in answer_words() if kind in kinds}
+
+
+def pretrain_language(scorer: SymbolicAnswers, batches, steps: int, lr: float, checkpoint=None) -> float:
+    def loss_fn(batch):
+        loss, hits, kinds = scorer(batch)
+        return loss, hits.float().mean().item(), accuracy_by_type(hits, kinds)
+
+    model = scorer.model
     params = list({id(p): p for p in [*model.model.language_model.parameters(), *model.lm_head.parameters()]}.values())
-    params.append(empty)  # (a tied head shares the embedding: each parameter once)
+    params.append(scorer.empty)  # (a tied head shares the embedding: each parameter once)
     return train_loop("language", params, loss_fn, batches, steps, lr, checkpoint=checkpoint)
+
+
+@torch.no_grad()
+def held_out_accuracy(scorer: SymbolicAnswers, batch) -> dict[str, float]:
+    """Answer accuracy on scenes never trained on, overall and per question type."""
+    scorer.model.eval()
+    _, hits, kinds = scorer(batch)
+    return {"overall": hits.float().mean().item(), **accuracy_by_type(hits, kinds)}
 
 
 def pretrain_base(out: str | Path = "runs/pretrain-base", records: int = 12000, vision_steps: int = 150,
@@ -160,9 +195,10 @@ def pretrain_base(out: str | Path = "runs/pretrain-base", records: int = 12000, 
     started = time.time()
     cfg = TinyModelConfig()
     # Three questions of each type per scene: more answers per (costly) scene, faster learning.
-    paths = generate(out / "data", train=records, test=1, seed=seed, questions_per_type=3)
+    paths = generate(out / "data", train=records, test=HELD_OUT_SCENES, seed=seed, questions_per_type=3)
     processor = build_processor(cfg)
     dataset = LlavaDataset(paths["train"], processor)
+    held_out = next(iter(SceneBatches(LlavaDataset(paths["test"], processor), HELD_OUT_SCENES, seed)))
     model = build_model(cfg, seed=seed, base=resume).train()
     empty = nn.Parameter(load_extra(weights, "pretrain.empty") if resume else torch.randn(cfg.text_hidden) * 0.02)
     vision_accuracy = None
@@ -172,12 +208,14 @@ def pretrain_base(out: str | Path = "runs/pretrain-base", records: int = 12000, 
     def checkpoint():
         save_base_weights(model, cfg, weights, extra={"pretrain.empty": empty})
 
-    language_accuracy = pretrain_language(model, cfg, processor, SceneBatches(dataset, batch_size, seed + resume),
-                                          language_steps, 1e-3, empty, checkpoint)
+    scorer = SymbolicAnswers(model, cfg, processor.tokenizer, empty)
+    language_accuracy = pretrain_language(scorer, SceneBatches(dataset, batch_size, seed + resume),
+                                          language_steps, 1e-3, checkpoint)
     checkpoint()
     summary = {
         "vision_patch_accuracy": vision_accuracy,
         "language_answer_accuracy": language_accuracy,
+        "held_out_symbolic_accuracy": held_out_accuracy(scorer, held_out),
         "seconds": round(time.time() - started, 1),
         "weights": str(weights),
     }

@@ -98,7 +98,9 @@ def ask(kind: str, objects: list[SceneObject], rng: random.Random) -> tuple[str,
     if kind == "position":
         obj = rng.choice(objects)
         side = "left" if obj.col < GRID // 2 else "right"
-        return f"Is the {obj.colour} object on the left or right?", side
+        # The question never names its answers: with "left or right?" in the prompt the model
+        # can copy either word from the question, and position stayed at chance.
+        return f"Which side is the {obj.colour} object on?", side
     raise ValueError(f"unknown question type {kind!r}; expected one of {QUESTION_TYPES}")
 
 
@@ -146,10 +148,20 @@ def generate(out: str | Path, train: int, test: int, seed: int = 0, questions_pe
     }
 
 
+def answer_words() -> dict[str, set[str]]:
+    """Question type -> the words that answer it (each word answers one type only)."""
+    return {
+        "colour": set(COLOURS),
+        "shape": set(SHAPES),
+        "count": {str(n) for n in range(MAX_OBJECTS + 1)},
+        "exist": {"yes", "no"},
+        "position": {"left", "right"},
+    }
+
+
 def vocabulary() -> list[str]:
     """Every word the generator and the chat template can write, for the tiny tokenizer."""
-    words = set(COLOURS) | set(SHAPES) | {f"{s}s" for s in SHAPES}
-    words |= {str(n) for n in range(MAX_OBJECTS + 1)} | {"yes", "no", "left", "right"}
+    words = set().union(*answer_words().values()) | {f"{s}s" for s in SHAPES}
     words |= {"What", "color", "is", "the", "shape", "object", "How", "many", "are", "there",
-              "Is", "a", "on", "or", "?"}
+              "Is", "a", "on", "Which", "side", "?"}
     return sorted(words)
