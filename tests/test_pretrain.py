@@ -18,11 +18,11 @@ def test_each_patch_is_labelled_with_its_grid_cell():
 def test_shipped_base_weights_keep_pretraining_state_out_of_the_model():
     from safetensors.torch import load_file
 
-    from sts.models.tiny import BASE_WEIGHTS, build_model
+    from sts.models.tiny import BASE_WEIGHTS, EXTRA_PREFIX, build_model
 
     stored = load_file(str(BASE_WEIGHTS))
     model_keys = set(build_model(base=False).state_dict())
-    assert {k for k in stored if not k.startswith("pretrain.")} <= model_keys
+    assert {k for k in stored if not k.startswith(EXTRA_PREFIX)} <= model_keys
     assert all(torch.isfinite(v).all() for v in stored.values())
 
 
@@ -32,13 +32,13 @@ def test_shipped_base_language_model_answers_every_question_type_from_symbolic_s
     from sts.data.llava import LlavaDataset
     from sts.data.synth import QUESTION_TYPES, generate
     from sts.models.tiny import BASE_WEIGHTS, build_model, build_processor, load_extra
-    from sts.pretrain import SceneBatches, SymbolicAnswers, held_out_accuracy
+    from sts.pretrain import EMPTY_KEY, SceneBatches, SymbolicAnswers, held_out_accuracy
 
     cfg = TinyModelConfig()
     paths = generate(tmp_path, train=1, test=48, seed=99, questions_per_type=2)
     processor = build_processor(cfg)
     batch = next(iter(SceneBatches(LlavaDataset(paths["test"], processor), 48, seed=0)))
-    scorer = SymbolicAnswers(build_model(cfg, base=True), cfg, processor.tokenizer, load_extra(BASE_WEIGHTS, "pretrain.empty"))
+    scorer = SymbolicAnswers(build_model(cfg, base=True), cfg, processor.tokenizer, load_extra(BASE_WEIGHTS, EMPTY_KEY))
     accuracy = held_out_accuracy(scorer, batch)
     assert set(accuracy) == {"overall", *QUESTION_TYPES}
     assert all(value >= 0.9 for value in accuracy.values()), accuracy

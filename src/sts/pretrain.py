@@ -28,9 +28,10 @@ from tqdm import tqdm
 from transformers import get_cosine_schedule_with_warmup
 
 from sts.data.llava import IGNORE_INDEX, Collator, LlavaDataset
-from sts.data.synth import CELL, COLOURS, GRID, SHAPES, answer_words, generate
+from sts.data.synth import CELL, COLOURS, SHAPES, answer_words, generate, side_of
 from sts.models.tiny import (
     BASE_WEIGHTS,
+    EXTRA_PREFIX,
     TinyModelConfig,
     build_model,
     build_processor,
@@ -39,6 +40,7 @@ from sts.models.tiny import (
 )
 
 NUM_CONTENTS = 1 + len(COLOURS) * len(SHAPES)  # empty, or one colour-shape pair
+EMPTY_KEY = f"{EXTRA_PREFIX}empty"  # the learned "empty cell" vector, kept for --resume and checks
 HELD_OUT_SCENES = 64  # fresh scenes (three questions of each type) scored after training
 
 
@@ -143,7 +145,7 @@ class SymbolicAnswers:
                             for kind, words in answer_words().items() for word in words}
 
     def describe(self, scenes) -> torch.Tensor:
-        words = [[[] if o is None else [o["colour"], o["shape"], "left" if o["col"] < GRID // 2 else "right"]
+        words = [[[] if o is None else [o["colour"], o["shape"], side_of(o["col"])]
                   for o in image] for image in patch_objects(scenes, self.cfg)]
         ids = torch.tensor([[self.tokenizer.convert_tokens_to_ids(w) if w else [-1] * 3 for w in image]
                             for image in words])
@@ -200,13 +202,13 @@ def pretrain_base(out: str | Path = "runs/pretrain-base", records: int = 12000, 
     dataset = LlavaDataset(paths["train"], processor)
     held_out = next(iter(SceneBatches(LlavaDataset(paths["test"], processor), HELD_OUT_SCENES, seed)))
     model = build_model(cfg, seed=seed, base=resume).train()
-    empty = nn.Parameter(load_extra(weights, "pretrain.empty") if resume else torch.randn(cfg.text_hidden) * 0.02)
+    empty = nn.Parameter(load_extra(weights, EMPTY_KEY) if resume else torch.randn(cfg.text_hidden) * 0.02)
     vision_accuracy = None
     if not resume:
         vision_accuracy = pretrain_vision(model, cfg, SceneBatches(dataset, 2 * batch_size, seed), vision_steps, 3e-3)
 
     def checkpoint():
-        save_base_weights(model, cfg, weights, extra={"pretrain.empty": empty})
+        save_base_weights(model, cfg, weights, extra={EMPTY_KEY: empty})
 
     scorer = SymbolicAnswers(model, cfg, processor.tokenizer, empty)
     language_accuracy = pretrain_language(scorer, SceneBatches(dataset, batch_size, seed + resume),

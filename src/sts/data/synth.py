@@ -97,11 +97,15 @@ def ask(kind: str, objects: list[SceneObject], rng: random.Random) -> tuple[str,
         return f"Is there a {colour} {shape}?", answer
     if kind == "position":
         obj = rng.choice(objects)
-        side = "left" if obj.col < GRID // 2 else "right"
         # The question never names its answers: with "left or right?" in the prompt the model
         # can copy either word from the question, and position stayed at chance.
-        return f"Which side is the {obj.colour} object on?", side
+        return f"Which side is the {obj.colour} object on?", side_of(obj.col)
     raise ValueError(f"unknown question type {kind!r}; expected one of {QUESTION_TYPES}")
+
+
+def side_of(col: int) -> str:
+    """The answer to a position question: the half of the grid a column lies in."""
+    return "left" if col < GRID // 2 else "right"
 
 
 def make_record(index: int, split: str, rng: random.Random, questions_per_type: int = 1) -> tuple[dict, Image.Image]:
