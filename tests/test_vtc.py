@@ -6,10 +6,10 @@ import torch
 import sts
 from sts.data.llava import IGNORE_INDEX, Collator, LlavaDataset
 from sts.models.tiny import build_model
-from sts.vtc import Context, kept_count, text_guided
+from sts.vtc import Context, distinct, kept_count, text_guided
 from tests.conftest import TEST_SIZES
 
-STRATEGIES = ["uniform", "random", "text_guided", "pool"]
+STRATEGIES = ["uniform", "random", "text_guided", "distinct", "pool"]
 PATCHES = (TEST_SIZES.image_size // TEST_SIZES.patch_size) ** 2
 
 
@@ -171,8 +171,20 @@ def test_text_guided_keeps_what_the_question_names(model, batch, processor):
 def test_text_guided_without_instruction_falls_back_to_uniform():
     features = torch.randn(64, 16)
     context = Context(instruction=None, generator=torch.Generator())
-    kept, sources = text_guided(features, (8, 8), 16, context)
+    _, sources = text_guided(features, (8, 8), 16, context)
     assert sources.tolist() == [r * 8 + c for r in (1, 3, 5, 7) for c in (1, 3, 5, 7)]
+
+
+def test_distinct_keeps_the_objects_not_the_background():
+    """A flat background with a few objects on it: the objects' tokens are the ones kept."""
+    torch.manual_seed(0)
+    background = torch.randn(16)
+    features = background + 0.01 * torch.randn(64, 16)
+    objects = torch.tensor([3, 17, 18, 40, 41, 62])
+    features[objects] = torch.randn(len(objects), 16) * 3
+    kept, sources = distinct(features, (8, 8), len(objects), Context(instruction=None, generator=torch.Generator()))
+    assert sources.tolist() == objects.tolist()
+    assert torch.equal(kept, features[objects])
 
 
 def test_sample_without_image_is_untouched(model, processor):

@@ -63,7 +63,7 @@ class StageConfig(Strict):
 class VTCConfig(Strict):
     """Visual Token Compressor: keep `keep_ratio` of each image's tokens in training."""
 
-    strategy: Literal["uniform", "random", "text_guided", "pool"] = "uniform"
+    strategy: Literal["uniform", "random", "text_guided", "distinct", "pool"] = "uniform"
     keep_ratio: float = Field(default=0.25, gt=0, le=1)
     reindex_positions: bool = Field(default=False, description="False: kept tokens keep their original position ids")
     stages: list[str] = Field(default=["align"], description="recipe stages it is active in")

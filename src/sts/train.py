@@ -181,6 +181,7 @@ def run_recipe(cfg: RecipeConfig) -> dict:
     output_dir = Path(cfg.output_dir)
     model, processor = initial_model(cfg)
     dataset = LlavaDataset(cfg.data.train, processor, cfg.data.images)
+    dataset.encode_all()
     stages = []
     for index, stage in enumerate(cfg.stages):
         if index > 0:

@@ -58,6 +58,16 @@ def text_guided(features, grid, keep, context):
     return features[sources.to(features.device)], sources
 
 
+def distinct(features, grid, keep, context):
+    """Keep the tokens least like the image's mean token. Large uniform regions (background,
+    sky, walls) give many near-identical tokens that say little; the distinct ones carry the
+    content. Needs no text and no attention maps."""
+    unit = F.normalize(features.detach().float(), dim=-1)
+    typicality = unit @ F.normalize(unit.mean(0), dim=0)
+    sources = typicality.topk(keep, largest=False).indices.sort().values.cpu()
+    return features[sources.to(features.device)], sources
+
+
 def pool(features, grid, keep, context):
     """Average k x k windows, k chosen so about `keep` tokens remain; every pixel stays covered."""
     rows, cols = grid
@@ -70,7 +80,8 @@ def pool(features, grid, keep, context):
     return pooled, sources
 
 
-STRATEGIES = {"uniform": uniform, "random": random, "text_guided": text_guided, "pool": pool}
+STRATEGIES = {"uniform": uniform, "random": random, "text_guided": text_guided, "distinct": distinct,
+              "pool": pool}
 
 
 def kept_count(total: int, keep_ratio: float) -> int:

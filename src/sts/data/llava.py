@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 from PIL import Image
 from torch.utils.data import Dataset
+from tqdm import tqdm
 
 IGNORE_INDEX = -100
 IMAGE_PLACEHOLDER = "<image>"
@@ -107,6 +108,12 @@ class LlavaDataset(Dataset):
         if index not in self.cache:
             self.cache[index] = encode(self.processor, self.records[index], self.images_dir)
         return self.cache[index]
+
+    def encode_all(self) -> None:
+        """Encode every record now, so that training time measures training, not one epoch of
+        image preprocessing paid by whichever stage happens to come first."""
+        for index in tqdm(range(len(self)), desc="encoding", leave=False):
+            self[index]
 
 
 class Collator:
