@@ -70,3 +70,26 @@ def test_demo_recipe_selection_defines_variants_and_always_runs_the_baseline():
     # every variant must still be a valid recipe
     for overrides in chosen.values():
         load_recipe("demo", overrides)
+
+
+STAGED = """
+data: {train: d/train.json}
+stages:
+  - {name: align, learning_rate: 1.0e-3}
+  - {name: instruct, learning_rate: 1.0e-4}
+vtc: {strategy: distinct, stages: [align]}
+lds: {alpha: 0.5, stages: [instruct]}
+"""
+
+
+def test_a_stage_block_wins_over_the_recipe_block_in_that_stage_only(tmp_path):
+    recipe = load_recipe(write(tmp_path, STAGED), ["stages.1.vtc={strategy: pool, full_tokens_final_fraction: 0.2}"])
+    align, instruct = (recipe.sts_for(stage) for stage in recipe.stages)
+    assert align.vtc.strategy == "distinct" and align.vtc.full_tokens_final_fraction == 0 and align.lds is None
+    assert instruct.vtc.strategy == "pool" and instruct.vtc.full_tokens_final_fraction == 0.2
+    assert instruct.lds.alpha == 0.5
+
+
+def test_a_stage_block_may_not_name_stages(tmp_path):
+    with pytest.raises(ConfigError, match="stages.1.vtc"):
+        load_recipe(write(tmp_path, STAGED), ["stages.1.vtc={strategy: pool, stages: [align]}"])

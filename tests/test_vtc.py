@@ -139,6 +139,28 @@ def test_final_fraction_trains_on_full_tokens(model, batch):
     assert sts.step_stats(model)["visual_tokens_kept"] == 4 * PATCHES
 
 
+def full_token_steps(seed: int, steps: int = 400) -> list[bool]:
+    """Which steps a random full-token fraction of 0.3 leaves uncompressed; asserts that every
+    micro-batch of a step (or every rank) decides alike."""
+    model = build_model(TEST_SIZES, seed=3, base=False).train()
+    state = sts.apply_sts(model, {"vtc": {"strategy": "uniform", "full_tokens_random_fraction": 0.3},
+                                  "seed": seed})._sts_state
+    full = []
+    for step in range(steps):
+        sts.set_progress(model, step, 1000)
+        decisions = {state.vtc_active() for _ in range(3)}
+        assert len(decisions) == 1
+        full.append(not decisions.pop())
+    return full
+
+
+def test_random_fraction_of_steps_on_full_tokens():
+    full = full_token_steps(seed=2)
+    assert 0.23 < sum(full) / len(full) < 0.37
+    assert full_token_steps(seed=2) == full, "a pure function of seed and step"
+    assert full_token_steps(seed=3) != full
+
+
 def test_text_guided_keeps_what_the_question_names(model, batch, processor):
     """Image tokens that equal the question's word embedding are kept; those that equal the
     answer's are not (answers are what is being predicted, never a guide)."""

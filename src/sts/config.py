@@ -44,6 +44,29 @@ class PartsConfig(Strict):
     language_model: Mode = "frozen"
 
 
+class VTCConfig(Strict):
+    """Visual Token Compressor: keep `keep_ratio` of each image's tokens in training."""
+
+    strategy: Literal["uniform", "random", "text_guided", "distinct", "pool"] = "uniform"
+    keep_ratio: float = Field(default=0.25, gt=0, le=1)
+    reindex_positions: bool = Field(default=False, description="False: kept tokens keep their original position ids")
+    stages: list[str] = Field(default=["align"], description="recipe stages it is active in")
+    full_tokens_final_fraction: float = Field(default=0.0, ge=0, lt=1,
+                                              description="last fraction of a stage's steps on full tokens")
+    full_tokens_random_fraction: float = Field(default=0.0, ge=0, lt=1,
+                                               description="fraction of the other steps, drawn at random, on full tokens")
+
+
+class LDSConfig(Strict):
+    """Layer Dynamic Skipper: skip decoder layer l with probability p_l(e) in training."""
+
+    alpha: float = Field(default=0.5, ge=0, le=1, description="peak skip rate, at the start of training")
+    epsilon: float = Field(default=0.5, ge=-1, le=1, description="depth tilt: > 0 skips deeper layers more")
+    protect_first: int = Field(default=1, ge=0, description="the first layers are never skipped")
+    protect_last: int = Field(default=1, ge=0, description="the last layers are never skipped")
+    stages: list[str] = Field(default=["instruct"], description="recipe stages it is active in")
+
+
 class StageConfig(Strict):
     name: str
     train: PartsConfig = PartsConfig()
@@ -58,27 +81,15 @@ class StageConfig(Strict):
     logging_steps: int = Field(default=10, ge=1)
     gradient_checkpointing: bool = False
     bf16: bool = False
+    vtc: VTCConfig | None = Field(default=None, description="this stage's own compressor; wins over the recipe's")
+    lds: LDSConfig | None = Field(default=None, description="this stage's own skipper; wins over the recipe's")
 
-
-class VTCConfig(Strict):
-    """Visual Token Compressor: keep `keep_ratio` of each image's tokens in training."""
-
-    strategy: Literal["uniform", "random", "text_guided", "distinct", "pool"] = "uniform"
-    keep_ratio: float = Field(default=0.25, gt=0, le=1)
-    reindex_positions: bool = Field(default=False, description="False: kept tokens keep their original position ids")
-    stages: list[str] = Field(default=["align"], description="recipe stages it is active in")
-    full_tokens_final_fraction: float = Field(default=0.0, ge=0, lt=1,
-                                              description="last fraction of a stage's steps on full tokens")
-
-
-class LDSConfig(Strict):
-    """Layer Dynamic Skipper: skip decoder layer l with probability p_l(e) in training."""
-
-    alpha: float = Field(default=0.5, ge=0, le=1, description="peak skip rate, at the start of training")
-    epsilon: float = Field(default=0.5, ge=-1, le=1, description="depth tilt: > 0 skips deeper layers more")
-    protect_first: int = Field(default=1, ge=0, description="the first layers are never skipped")
-    protect_last: int = Field(default=1, ge=0, description="the last layers are never skipped")
-    stages: list[str] = Field(default=["instruct"], description="recipe stages it is active in")
+    @field_validator("vtc", "lds")
+    @classmethod
+    def no_stage_list(cls, block):
+        if block is not None and "stages" in block.model_fields_set:
+            raise ValueError("a stage's own block applies to that stage; `stages:` belongs to the recipe-level block")
+        return block
 
 
 class STSConfig(Strict):
@@ -118,9 +129,10 @@ class RecipeConfig(Strict):
         return stages
 
     def sts_for(self, stage: StageConfig) -> STSConfig:
-        """The STS blocks active in this stage (none for a plain stage)."""
-        vtc = self.vtc if self.vtc and stage.name in self.vtc.stages else None
-        lds = self.lds if self.lds and stage.name in self.lds.stages else None
+        """The STS blocks active in this stage (none for a plain stage): the stage's own block,
+        else the recipe's block if its `stages:` name this stage."""
+        vtc = stage.vtc or (self.vtc if self.vtc and stage.name in self.vtc.stages else None)
+        lds = stage.lds or (self.lds if self.lds and stage.name in self.lds.stages else None)
         return STSConfig(vtc=vtc, lds=lds, seed=self.seed)
 
 

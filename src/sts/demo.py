@@ -27,9 +27,10 @@ RECIPES = {
     "baseline": ["vtc=null", "lds=null"],
     "sts": [],
     "sts-max": [
-        "vtc.stages=[align,instruct]",  # the compressor in instruction tuning too...
-        "vtc.full_tokens_final_fraction=0.25",  # ...with a full-token tail
-        "lds.alpha=0.8",
+        # The compressor in instruction tuning too: 2x2 pooling (every cell of the image keeps one
+        # token, so counts and proportions survive) with a quarter of the steps, drawn at random,
+        # on full tokens so that the model also trains as it will be used.
+        "stages.1.vtc={strategy: pool, keep_ratio: 0.25, full_tokens_random_fraction: 0.25}",
     ],
 }
 

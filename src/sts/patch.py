@@ -19,6 +19,7 @@ from sts.lds import draw_skips, seed_of
 from sts.vtc import Context, compress
 
 STATE = "_sts_state"
+FULL_TOKENS_DRAW = -1  # the seed part that gives the per-step full-token coin a stream of its own
 
 
 class STSState:
@@ -50,8 +51,13 @@ class STSState:
         return skipped
 
     def vtc_active(self) -> bool:
+        """Compress this step? Not in the full-token tail, nor on a drawn full-token step (the draw
+        is a pure function of seed and step, so every rank and micro-batch of a step agrees)."""
         vtc = self.cfg.vtc
-        return vtc is not None and self.progress < 1.0 - vtc.full_tokens_final_fraction
+        if vtc is None or self.progress >= 1.0 - vtc.full_tokens_final_fraction:
+            return False
+        coin = torch.rand(1, generator=torch.Generator().manual_seed(seed_of(self.cfg.seed, self.step, FULL_TOKENS_DRAW)))
+        return coin.item() >= vtc.full_tokens_random_fraction
 
 
 def apply_sts(model, cfg: STSConfig | dict):
