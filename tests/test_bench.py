@@ -14,6 +14,7 @@ def test_bench_times_every_setting_and_records_json(tmp_path):
     # Keeping a quarter of 64 visual tokens cuts the alignment step's FLOPs by more than a third.
     assert rows["align+vtc0.25"]["flops_ideal_speedup"] > 1.5
     assert rows["instruct+lds0.5"]["flops_ideal_speedup"] >= 1.0
+    assert rows["instruct+pool0.25"]["flops_ideal_speedup"] > 1.5
     assert rows["instruct+sts-off"]["flops_ideal_speedup"] == 1.0
     for row in rows.values():
         assert row["steps_per_s"] > 0 and row["speedup_over_ideal"] > 0

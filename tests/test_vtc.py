@@ -2,11 +2,13 @@ import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 import sts
 from sts.data.llava import IGNORE_INDEX, Collator, LlavaDataset
 from sts.models.tiny import build_model
-from sts.vtc import Context, distinct, kept_count, text_guided
+from sts.patch import proportional_mask
+from sts.vtc import Context, compress, distinct, kept_count, text_guided
 from tests.conftest import TEST_SIZES
 
 STRATEGIES = ["uniform", "random", "text_guided", "distinct", "pool"]
@@ -223,3 +225,46 @@ def test_sample_without_image_is_untouched(model, processor):
     model(**batch)
     assert torch.equal(seen[-1]["inputs_embeds"], seen[-2]["inputs_embeds"])
     assert torch.equal(seen[-1]["attention_mask"], batch["attention_mask"])
+
+
+def test_pooled_tokens_stand_for_their_windows():
+    _, sources, sizes = compress("pool", torch.randn(49, 8), (7, 7), 0.25, Context(None, torch.Generator()))
+    assert sizes.sum() == 49  # 2x2 windows over 7x7: the last row and column are half windows
+    assert sorted(set(sizes.tolist())) == [1.0, 2.0, 4.0]
+    _, _, sizes = compress("distinct", torch.randn(49, 8), (7, 7), 0.25, Context(None, torch.Generator()))
+    assert sizes.tolist() == [1.0] * 12
+
+
+def test_proportional_mask_weighs_a_token_as_the_tokens_it_stands_for():
+    """Attention over [a, b, b, b, c] equals attention over [a, b, c] with b counted three times."""
+    torch.manual_seed(0)
+    keys, values = torch.randn(3, 8), torch.randn(3, 8)  # a, b, c
+    full = [0, 1, 1, 1, 2]
+    query = torch.randn(5, 8)
+    reference = F.scaled_dot_product_attention(query, keys[full], values[full], is_causal=True)
+    mask = proportional_mask(torch.ones(1, 3), torch.tensor([[1.0, 3.0, 1.0]]), torch.float32)
+    merged = F.scaled_dot_product_attention(query[[0, 3, 4]], keys, values, attn_mask=mask[0, 0])
+    assert torch.allclose(merged[2], reference[4], atol=1e-6)  # the query after the image
+    assert torch.allclose(merged[0], reference[0], atol=1e-6)
+
+
+def test_proportional_attention_weighs_each_pooled_token_as_its_window(model, batch):
+    seen = record_language_model_inputs(model)
+    sts.apply_sts(model, {"vtc": {"strategy": "pool", "keep_ratio": 0.25, "proportional_attention": True}})
+    model(**batch).loss.backward()
+    mask = seen[-1]["attention_mask"]
+    length = seen[-1]["inputs_embeds"].shape[1]
+    assert mask.shape == (4, 1, length, length)
+    last_query = mask[:, 0, -1]  # sees every real token of its row
+    real = last_query > torch.finfo(mask.dtype).min
+    text_tokens = (batch["attention_mask"].bool() & (batch["input_ids"] != model.config.image_token_id)).sum(1)
+    assert real.sum(1).tolist() == (text_tokens + PATCHES // 4).tolist()
+    # Each row's weights add up to its full-token length: every pooled token counts as four.
+    assert last_query.exp().sum(1).round().tolist() == batch["attention_mask"].sum(1).tolist()
+    assert torch.isclose(last_query[real].exp().max(), torch.tensor(4.0))
+
+
+def test_proportional_attention_refuses_an_attention_without_float_masks(model):
+    model.config.get_text_config()._attn_implementation = "flash_attention_2"
+    with pytest.raises(ValueError, match="eager or sdpa"):
+        sts.apply_sts(model, {"vtc": {"strategy": "pool", "proportional_attention": True}})

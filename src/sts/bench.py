@@ -42,6 +42,9 @@ SETTINGS = [
     Setting("align+vtc0.25", ALIGN, {"vtc": {"strategy": "uniform", "keep_ratio": 0.25}}, "align"),
     Setting("instruct", INSTRUCT, None, "instruct"),
     Setting("instruct+lds0.5", INSTRUCT, {"lds": {"alpha": 0.5, "epsilon": 0.5}}, "instruct"),
+    # sts-max's instruction tuning: 2x2 pooling with proportional attention (a 4D float mask)
+    Setting("instruct+pool0.25", INSTRUCT,
+            {"vtc": {"strategy": "pool", "keep_ratio": 0.25, "proportional_attention": True}}, "instruct"),
     Setting("instruct+sts-off", INSTRUCT, {}, "instruct"),  # apply_sts with nothing enabled: its overhead
 ]
 

@@ -55,6 +55,10 @@ class VTCConfig(Strict):
                                               description="last fraction of a stage's steps on full tokens")
     full_tokens_random_fraction: float = Field(default=0.0, ge=0, lt=1,
                                                description="fraction of the other steps, drawn at random, on full tokens")
+    proportional_attention: bool = Field(
+        default=False, description="in the language model's attention, a token counts as many image tokens as it "
+        "stands for (a pooled token as its window), so attention's shares of image and text stay as with full "
+        "tokens; sends a 4D float mask, so it needs eager or SDPA attention, not FlashAttention")
 
 
 class LDSConfig(Strict):

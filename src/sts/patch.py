@@ -63,6 +63,9 @@ class STSState:
 def apply_sts(model, cfg: STSConfig | dict):
     """Patch `model` in place for sparse training and return it."""
     cfg = cfg if isinstance(cfg, STSConfig) else STSConfig(**cfg)
+    attention = model.config.get_text_config()._attn_implementation
+    if cfg.vtc and cfg.vtc.proportional_attention and attention not in ("eager", "sdpa"):
+        raise ValueError(f"vtc.proportional_attention needs eager or sdpa attention (a float mask), not {attention!r}")
     if hasattr(model, STATE):
         remove_sts(model)
     state = STSState(model, cfg)
@@ -158,6 +161,7 @@ def compress_visual_tokens(state: STSState, inputs: dict) -> dict:
     for b in range(batch):
         slots = image_mask[b].nonzero().flatten()
         row_embeds = embeds[b]
+        row_sizes = torch.ones(length, device=input_ids.device)
         keep = attention_mask[b].bool() & ~image_mask[b]
         context = Context(instruction=embeds[b][instruction_mask[b]] if instruction_mask[b].any() else None,
                           generator=None)
@@ -166,24 +170,27 @@ def compress_visual_tokens(state: STSState, inputs: dict) -> dict:
             features, grid = images[image_index]
             context.generator = torch.Generator().manual_seed(
                 seed_of(state.cfg.seed, state.step, state.micro_batch, image_index))
-            kept, sources = compress(vtc.strategy, features, grid, vtc.keep_ratio, context)
+            kept, sources, sizes = compress(vtc.strategy, features, grid, vtc.keep_ratio, context)
             targets = slots[offset : offset + len(features)][sources.to(slots.device)]
             row_embeds = row_embeds.index_put((targets,), kept.to(row_embeds.dtype))
             keep = keep.index_fill(0, targets, True)
+            row_sizes = row_sizes.index_put((targets,), sizes.to(row_sizes))
             offset += len(features)
             image_index += 1
             kept_total += len(kept)
-        rows.append((row_embeds, keep))
+        rows.append((row_embeds, keep, row_sizes))
 
-    new_length = max(int(keep.sum()) for _, keep in rows)
+    new_length = max(int(keep.sum()) for _, keep, _ in rows)
     out_embeds = embeds.new_zeros(batch, new_length, embeds.shape[-1])
     out_mask = torch.zeros(batch, new_length, dtype=attention_mask.dtype, device=input_ids.device)
     out_positions = torch.zeros(batch, new_length, dtype=positions.dtype, device=input_ids.device)
+    out_sizes = torch.ones(batch, new_length, device=input_ids.device)
     out_labels = None if labels is None else torch.full_like(out_mask, IGNORE_INDEX, dtype=labels.dtype)
-    for b, (row_embeds, keep) in enumerate(rows):
+    for b, (row_embeds, keep, row_sizes) in enumerate(rows):
         index = keep.nonzero().flatten()
         n = len(index)
         out_embeds[b, :n] = row_embeds[index]
+        out_sizes[b, :n] = row_sizes[index]
         out_mask[b, :n] = 1
         if vtc.reindex_positions:
             out_positions[b, :n] = torch.arange(n, device=positions.device)
@@ -200,5 +207,17 @@ def compress_visual_tokens(state: STSState, inputs: dict) -> dict:
     })
     for key in adapter.image_input_keys:
         inputs.pop(key, None)
+    if vtc.proportional_attention:
+        out_mask = proportional_mask(out_mask, out_sizes, out_embeds.dtype)
     return {**inputs, "inputs_embeds": out_embeds, "attention_mask": out_mask,
             "position_ids": out_positions, "labels": out_labels}
+
+
+def proportional_mask(padding: torch.Tensor, sizes: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """A causal 4D additive mask whose key bias log(size) weighs each token as `size` tokens in
+    every softmax (ToMe's proportional attention); [batch, 1, length, length]."""
+    length = padding.shape[1]
+    causal = torch.ones(length, length, dtype=torch.bool, device=padding.device).tril()
+    allowed = causal[None] & padding.bool()[:, None, :]
+    bias = sizes.log().to(dtype)[:, None, :].expand(-1, length, -1)
+    return torch.where(allowed, bias, torch.finfo(dtype).min)[:, None]

@@ -6,6 +6,7 @@ Every strategy is one function with the same signature, registered in STRATEGIES
 
 `sources` are the indices (into the image's n tokens, ascending) whose positions the kept
 tokens take; selection strategies return a subset of `features`, `pool` averages windows.
+`compress` adds how many image tokens each kept token stands for (for proportional attention).
 """
 
 from __future__ import annotations
@@ -68,10 +69,15 @@ def distinct(features, grid, keep, context):
     return features[sources.to(features.device)], sources
 
 
+def pool_window(grid, keep) -> int:
+    rows, cols = grid
+    return max(1, round(math.sqrt(rows * cols / keep)))
+
+
 def pool(features, grid, keep, context):
     """Average k x k windows, k chosen so about `keep` tokens remain; every pixel stays covered."""
     rows, cols = grid
-    k = max(1, round(math.sqrt(rows * cols / keep)))
+    k = pool_window(grid, keep)
     image = features.T.reshape(1, -1, rows, cols)
     pooled = F.avg_pool2d(image, k, ceil_mode=True).flatten(2)[0].T
     out_rows, out_cols = math.ceil(rows / k), math.ceil(cols / k)
@@ -88,9 +94,24 @@ def kept_count(total: int, keep_ratio: float) -> int:
     return max(1, min(total, round(total * keep_ratio)))
 
 
+def stood_for(strategy: str, grid: tuple[int, int], keep: int, sources: torch.Tensor) -> torch.Tensor:
+    """How many of the image's tokens each compressed token stands for: one for a selection,
+    its window's size for a pooled token."""
+    if strategy != "pool":
+        return torch.ones(len(sources))
+    rows, cols = grid
+    k = pool_window(grid, keep)
+    height = (rows - sources // cols).clamp(max=k)
+    width = (cols - sources % cols).clamp(max=k)
+    return (height * width).float()
+
+
 def compress(strategy: str, features: torch.Tensor, grid: tuple[int, int], keep_ratio: float, context: Context):
+    """(kept tokens, their source slots, how many image tokens each stands for)."""
     if strategy not in STRATEGIES:
         raise ValueError(f"unknown vtc.strategy {strategy!r}; choose one of {sorted(STRATEGIES)}")
     if keep_ratio >= 1.0:
-        return features, torch.arange(len(features))
-    return STRATEGIES[strategy](features, grid, kept_count(len(features), keep_ratio), context)
+        return features, torch.arange(len(features)), torch.ones(len(features))
+    keep = kept_count(len(features), keep_ratio)
+    kept, sources = STRATEGIES[strategy](features, grid, keep, context)
+    return kept, sources, stood_for(strategy, grid, keep, sources)
