@@ -23,6 +23,11 @@ def seed_of(*parts: int) -> int:
     return seed
 
 
+def seeded_coin(*parts: int) -> float:
+    """A uniform draw in [0, 1) that is a pure function of its integer parts."""
+    return torch.rand(1, generator=torch.Generator().manual_seed(seed_of(*parts))).item()
+
+
 def skip_probability(layer: int, layers: int, progress: float, cfg: LDSConfig) -> float:
     if layer < cfg.protect_first or layer >= layers - cfg.protect_last:
         return 0.0
@@ -36,8 +41,6 @@ def draw_skips(layers: int, progress: float, step: int, micro_batch: int, cfg: L
     skipped = []
     for layer in range(layers):
         p = skip_probability(layer, layers, progress, cfg)
-        if p > 0:
-            coin = torch.rand(1, generator=torch.Generator().manual_seed(seed_of(seed, step, micro_batch, layer)))
-            if coin.item() < p:
-                skipped.append(layer)
+        if p > 0 and seeded_coin(seed, step, micro_batch, layer) < p:
+            skipped.append(layer)
     return skipped

@@ -15,7 +15,7 @@ import torch
 from sts.adapters import get_adapter
 from sts.config import STSConfig
 from sts.data.llava import IGNORE_INDEX
-from sts.lds import draw_skips, seed_of
+from sts.lds import draw_skips, seed_of, seeded_coin
 from sts.vtc import Context, compress
 
 STATE = "_sts_state"
@@ -56,8 +56,7 @@ class STSState:
         vtc = self.cfg.vtc
         if vtc is None or self.progress >= 1.0 - vtc.full_tokens_final_fraction:
             return False
-        coin = torch.rand(1, generator=torch.Generator().manual_seed(seed_of(self.cfg.seed, self.step, FULL_TOKENS_DRAW)))
-        return coin.item() >= vtc.full_tokens_random_fraction
+        return seeded_coin(self.cfg.seed, self.step, FULL_TOKENS_DRAW) >= vtc.full_tokens_random_fraction
 
 
 def apply_sts(model, cfg: STSConfig | dict):
