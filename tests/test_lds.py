@@ -103,7 +103,7 @@ def loss_and_grads(model, batch):
 
 def test_gradient_checkpointing_gives_the_same_loss_and_gradients(model, batch):
     checkpointed = copy.deepcopy(model)
-    checkpointed.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    checkpointed.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     results = []
     for m in (model, checkpointed):
         sts.apply_sts(m, {"lds": {"alpha": 0.6}})

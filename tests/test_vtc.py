@@ -183,8 +183,7 @@ def test_text_guided_keeps_what_the_question_names(model, batch, processor):
     if not (ids == question_word).any():
         pytest.skip("first record has no 'What' question")
     sts.apply_sts(model, {"vtc": {"strategy": "text_guided", "keep_ratio": 0.25}})
-    state = model._sts_state
-    state.adapter.image_features = lambda inputs: [(features, (8, 8))]
+    model.model.multi_modal_projector.register_forward_hook(lambda module, args, out: features[None].to(out))
     seen = record_language_model_inputs(model)
     model(**single)
     first_image = int((ids == model.config.image_token_id).nonzero()[0])
@@ -195,8 +194,8 @@ def test_text_guided_keeps_what_the_question_names(model, batch, processor):
 def test_text_guided_without_instruction_falls_back_to_uniform():
     features = torch.randn(64, 16)
     context = Context(instruction=None, generator=torch.Generator())
-    _, sources = text_guided(features, (8, 8), 16, context)
-    assert sources.tolist() == [r * 8 + c for r in (1, 3, 5, 7) for c in (1, 3, 5, 7)]
+    groups = text_guided(features, (8, 8), 16, context)
+    assert (groups >= 0).nonzero().flatten().tolist() == [r * 8 + c for r in (1, 3, 5, 7) for c in (1, 3, 5, 7)]
 
 
 def test_distinct_keeps_the_objects_not_the_background():
@@ -206,9 +205,9 @@ def test_distinct_keeps_the_objects_not_the_background():
     features = background + 0.01 * torch.randn(64, 16)
     objects = torch.tensor([3, 17, 18, 40, 41, 62])
     features[objects] = torch.randn(len(objects), 16) * 3
-    kept, sources = distinct(features, (8, 8), len(objects), Context(instruction=None, generator=torch.Generator()))
-    assert sources.tolist() == objects.tolist()
-    assert torch.equal(kept, features[objects])
+    groups = distinct(features, (8, 8), len(objects), Context(instruction=None, generator=torch.Generator()))
+    assert (groups >= 0).nonzero().flatten().tolist() == objects.tolist()
+    assert groups[objects].tolist() == list(range(len(objects)))
 
 
 def test_sample_without_image_is_untouched(model, processor):
@@ -228,11 +227,13 @@ def test_sample_without_image_is_untouched(model, processor):
 
 
 def test_pooled_tokens_stand_for_their_windows():
-    _, sources, sizes = compress("pool", torch.randn(49, 8), (7, 7), 0.25, Context(None, torch.Generator()))
+    groups = compress("pool", torch.randn(49, 8), (7, 7), 0.25, Context(None, torch.Generator()))
+    sizes = torch.bincount(groups)
     assert sizes.sum() == 49  # 2x2 windows over 7x7: the last row and column are half windows
-    assert sorted(set(sizes.tolist())) == [1.0, 2.0, 4.0]
-    _, _, sizes = compress("distinct", torch.randn(49, 8), (7, 7), 0.25, Context(None, torch.Generator()))
-    assert sizes.tolist() == [1.0] * 12
+    assert sorted(set(sizes.tolist())) == [1, 2, 4]
+    assert groups.view(7, 7)[:2, :2].unique().tolist() == [0] and groups.view(7, 7)[6, 6] == 15
+    groups = compress("distinct", torch.randn(49, 8), (7, 7), 0.25, Context(None, torch.Generator()))
+    assert torch.bincount(groups[groups >= 0]).tolist() == [1] * 12
 
 
 def test_proportional_mask_weighs_a_token_as_the_tokens_it_stands_for():

@@ -7,13 +7,16 @@ to know about training progress comes from `set_progress`; nothing here logs or 
 
 from __future__ import annotations
 
+import contextlib
 import functools
 from collections import deque
 
 import torch
 
 from sts.adapters import get_adapter
+from sts.adapters.base import Adapter
 from sts.config import STSConfig
+from sts.cut import Cut
 from sts.data.llava import IGNORE_INDEX
 from sts.lds import draw_skips, seed_of, seeded_coin
 from sts.vtc import Context, compress
@@ -33,6 +36,9 @@ class STSState:
         self.layer_draws, self.layers_skipped = 0, 0  # for the running skip rate
         # Stats of every training forward since the last drain; bounded, for loops that never drain.
         self.history: deque[dict] = deque(maxlen=4096)
+
+    def visual_token_ids(self, device) -> torch.Tensor:
+        return torch.tensor([m.token_id for m in self.adapter.modalities()], device=device)
 
     @property
     def progress(self) -> float:
@@ -77,21 +83,29 @@ def apply_sts(model, cfg: STSConfig | dict):
         if args:
             raise TypeError("sts: pass the model's inputs as keyword arguments (input_ids=..., pixel_values=...)")
         input_ids = kwargs.get("input_ids")
+        state.stats = {"batch_size": 0, "images": 0, "visual_tokens_in": 0, "visual_tokens_kept": 0,
+                       "input_seq_len": 0, "lm_seq_len": 0}
         if input_ids is not None:
-            visual = int((input_ids == state.adapter.image_token_id).sum())
-            pixels = kwargs.get("pixel_values")
-            state.stats = {"batch_size": input_ids.shape[0], "images": 0 if pixels is None else len(pixels),
-                           "visual_tokens_in": visual, "visual_tokens_kept": visual,
-                           "input_seq_len": input_ids.shape[1], "lm_seq_len": input_ids.shape[1]}
-        if state.vtc_active() and kwargs.get("pixel_values") is not None:
-            kwargs = compress_visual_tokens(state, kwargs)
+            visual = int(torch.isin(input_ids, state.visual_token_ids(input_ids.device)).sum())
+            state.stats.update(batch_size=input_ids.shape[0], visual_tokens_in=visual, visual_tokens_kept=visual,
+                               input_seq_len=input_ids.shape[1], lm_seq_len=input_ids.shape[1])
+        compressing = state.vtc_active() and input_ids is not None and state.stats["visual_tokens_in"] > 0
+        labels = kwargs.pop("labels", None) if compressing else None
         skipped = state.draw_skips()
+        with contextlib.ExitStack() as stack:
+            features = stack.enter_context(capture_features(state.adapter))
+            if compressing:
+                cut = stack.enter_context(cutting_the_sequence(state, kwargs, labels, features))
+            if skipped:
+                stack.enter_context(state.adapter.without_layers(skipped))
+                kwargs["use_cache"] = False
+            output = state.original_forward(**kwargs)
         state.micro_batch += 1
+        state.stats["images"] = sum(len(f) for f in features.values())
         state.history.append(dict(state.stats))
-        if not skipped:
-            return state.original_forward(**kwargs)
-        with state.adapter.without_layers(skipped):
-            return state.original_forward(**{**kwargs, "use_cache": False})
+        if compressing and labels is not None:
+            output = with_loss(model, output, cut.result.pick(labels, IGNORE_INDEX), kwargs)
+        return output
 
     model.forward = forward
     return model
@@ -134,82 +148,124 @@ def drain_stats(model) -> list[dict]:
     return history
 
 
-def compress_visual_tokens(state: STSState, inputs: dict) -> dict:
-    """Keep `keep_ratio` of each image's tokens; cut embeddings, labels, mask and positions alike."""
-    vtc = state.cfg.vtc
-    adapter = state.adapter
-    input_ids = inputs.pop("input_ids")
+@contextlib.contextmanager
+def capture_features(adapter: Adapter):
+    """Record each modality's projected features, one tensor per image, as the model's own
+    feature method returns them (the method is wrapped on the instance for one forward)."""
+    owner = adapter.feature_owner()
+    captured: dict[str, list[torch.Tensor]] = {}
+    for modality in adapter.modalities():
+        original = getattr(owner, modality.method)
+
+        def recording(*args, _original=original, _name=modality.name, **kwargs):
+            output = _original(*args, **kwargs)
+            captured.setdefault(_name, []).extend(output.pooler_output)
+            return output
+
+        setattr(owner, modality.method, recording)
+    try:
+        yield captured
+    finally:
+        for modality in adapter.modalities():
+            delattr(owner, modality.method)
+
+
+class PendingCut:
+    """The cut of the current forward, known once the language model has been called."""
+
+    result: Cut | None = None
+
+
+@contextlib.contextmanager
+def cutting_the_sequence(state: STSState, inputs: dict, labels: torch.Tensor | None, features: dict):
+    """While the model runs, cut the sequence where its language model receives it."""
+    pending = PendingCut()
+
+    def hook(module, args, kwargs):
+        pending.result, kwargs = cut_sequence(state, inputs, labels, features, kwargs)
+        return args, kwargs
+
+    handle = state.adapter.language_model().register_forward_pre_hook(hook, with_kwargs=True, prepend=True)
+    try:
+        yield pending
+    finally:
+        handle.remove()
+
+
+def cut_sequence(state: STSState, inputs: dict, labels: torch.Tensor | None, features: dict,
+                 lm_inputs: dict) -> tuple[Cut, dict]:
+    """Keep `keep_ratio` of every image's tokens (per unit, see `Adapter.units`); cut the
+    embeddings, mask, positions (1-D or 3-D) and every input that travels with the tokens alike."""
+    vtc, adapter = state.cfg.vtc, state.adapter
+    input_ids = inputs["input_ids"]
+    embeds = lm_inputs["inputs_embeds"]
     batch, length = input_ids.shape
-    attention_mask = inputs.pop("attention_mask", None)
+    device = input_ids.device
+    attention_mask = lm_inputs.get("attention_mask")
     if attention_mask is None:
         attention_mask = torch.ones_like(input_ids)
-    labels = inputs.pop("labels", None)
-    positions = inputs.pop("position_ids", None)
-    if positions is None:
-        positions = torch.arange(length, device=input_ids.device).expand(batch, length)
-
-    embeds = adapter.embed_text(input_ids)
-    images = adapter.image_features(inputs)  # list of (features [n, d], grid)
-    image_mask = input_ids == adapter.image_token_id
-    instruction_mask = attention_mask.bool() & ~image_mask & ~adapter.special_token_mask(input_ids)
+    if attention_mask.dim() != 2:
+        raise ValueError("sts: the visual token compressor needs a 2-D (padding) attention mask")
+    visual = torch.isin(input_ids, state.visual_token_ids(device))
+    instruction = attention_mask.bool() & ~visual & ~adapter.special_token_mask(input_ids)
     if labels is not None:
-        instruction_mask &= labels == IGNORE_INDEX
+        instruction &= labels == IGNORE_INDEX
+    contexts = [Context(instruction=embeds[b][instruction[b]] if instruction[b].any() else None, generator=None)
+                for b in range(batch)]
 
-    rows, image_index = [], 0
-    kept_total = 0
-    for b in range(batch):
-        slots = image_mask[b].nonzero().flatten()
-        row_embeds = embeds[b]
-        row_sizes = torch.ones(length, device=input_ids.device)
-        keep = attention_mask[b].bool() & ~image_mask[b]
-        context = Context(instruction=embeds[b][instruction_mask[b]] if instruction_mask[b].any() else None,
-                          generator=None)
+    owners = torch.where(attention_mask.bool(), torch.arange(length, device=device), -1).expand(batch, -1).clone()
+    unit_index, kept_visual = 0, 0
+    for modality in adapter.modalities():
+        slots = (input_ids == modality.token_id).nonzero()  # [(row, position)], row-major
         offset = 0
-        while offset < len(slots):
-            features, grid = images[image_index]
-            context.generator = torch.Generator().manual_seed(
-                seed_of(state.cfg.seed, state.step, state.micro_batch, image_index))
-            kept, sources, sizes = compress(vtc.strategy, features, grid, vtc.keep_ratio, context)
-            targets = slots[offset : offset + len(features)][sources.to(slots.device)]
-            row_embeds = row_embeds.index_put((targets,), kept.to(row_embeds.dtype))
-            keep = keep.index_fill(0, targets, True)
-            row_sizes = row_sizes.index_put((targets,), sizes.to(row_sizes))
-            offset += len(features)
-            image_index += 1
-            kept_total += len(kept)
-        rows.append((row_embeds, keep, row_sizes))
+        for unit in adapter.units(modality.name, features.get(modality.name, []), inputs):
+            row, positions = int(slots[offset, 0]), slots[offset : offset + unit.size, 1]
+            offset += unit.size
+            candidates = positions if unit.candidates is None else positions[unit.candidates.to(device)]
+            contexts[row].generator = torch.Generator().manual_seed(
+                seed_of(state.cfg.seed, state.step, state.micro_batch, unit_index))
+            groups = compress(vtc.strategy, embeds[row, candidates], unit.grid, vtc.keep_ratio, contexts[row]).to(device)
+            live = groups >= 0
+            firsts = torch.full((int(groups.max()) + 1,), length, device=device).scatter_reduce(
+                0, groups[live], candidates[live], "amin")
+            owners[row, candidates] = torch.where(live, firsts[groups.clamp(min=0)], -1)
+            kept_visual += len(positions) - len(candidates) + len(firsts)
+            unit_index += 1
+        if offset != len(slots):
+            raise ValueError(f"sts: the {modality.name} units cover {offset} of the batch's {len(slots)} "
+                             f"{modality.name} tokens; the adapter's units() does not fit this model's inputs")
 
-    new_length = max(int(keep.sum()) for _, keep, _ in rows)
-    out_embeds = embeds.new_zeros(batch, new_length, embeds.shape[-1])
-    out_mask = torch.zeros(batch, new_length, dtype=attention_mask.dtype, device=input_ids.device)
-    out_positions = torch.zeros(batch, new_length, dtype=positions.dtype, device=input_ids.device)
-    out_sizes = torch.ones(batch, new_length, device=input_ids.device)
-    out_labels = None if labels is None else torch.full_like(out_mask, IGNORE_INDEX, dtype=labels.dtype)
-    for b, (row_embeds, keep, row_sizes) in enumerate(rows):
-        index = keep.nonzero().flatten()
-        n = len(index)
-        out_embeds[b, :n] = row_embeds[index]
-        out_sizes[b, :n] = row_sizes[index]
-        out_mask[b, :n] = 1
-        if vtc.reindex_positions:
-            out_positions[b, :n] = torch.arange(n, device=positions.device)
-        else:
-            out_positions[b, :n] = positions[b, index]
-        if labels is not None:
-            out_labels[b, :n] = labels[b, index]
+    cut = Cut.from_owners(owners)
+    positions = lm_inputs.get("position_ids")
+    if positions is None:
+        positions = torch.arange(length, device=device).expand(batch, -1)
+    if vtc.reindex_positions:
+        new_positions = torch.arange(cut.length, device=device).expand(*positions.shape[:-1], -1)
+        new_positions = new_positions.masked_fill(~cut.real.expand_as(new_positions), 0)
+    else:
+        new_positions = cut.pick(positions.expand(*positions.shape[:-2], batch, -1))
+    out = {**lm_inputs, "inputs_embeds": cut.mean(embeds), "position_ids": new_positions}
+    mask = cut.real.to(attention_mask.dtype)
+    out["attention_mask"] = proportional_mask(mask, cut.sizes, embeds.dtype) if vtc.proportional_attention else mask
+    for name, mask_name in adapter.visual_row_kwargs.items():
+        rows = lm_inputs.get(name)
+        if rows is not None:
+            old_mask = lm_inputs[mask_name]
+            out[name] = [cut.mean_visual(r, old_mask) for r in rows] if isinstance(rows, (list, tuple)) \
+                else cut.mean_visual(rows, old_mask)
+    for name in adapter.sequence_kwargs:
+        if lm_inputs.get(name) is not None:
+            out[name] = cut.pick(lm_inputs[name])
+    state.stats.update(visual_tokens_kept=kept_visual, lm_seq_len=cut.length)
+    return cut, out
 
-    state.stats.update({
-        "visual_tokens_in": int(image_mask.sum()),
-        "visual_tokens_kept": kept_total,
-        "input_seq_len": length,
-        "lm_seq_len": new_length,
-    })
-    for key in adapter.image_input_keys:
-        inputs.pop(key, None)
-    if vtc.proportional_attention:
-        out_mask = proportional_mask(out_mask, out_sizes, out_embeds.dtype)
-    return {**inputs, "inputs_embeds": out_embeds, "attention_mask": out_mask,
-            "position_ids": out_positions, "labels": out_labels}
+
+def with_loss(model, output, labels: torch.Tensor, inputs: dict):
+    """The model's output with the loss of the cut sequence, computed as the model computes it."""
+    loss = model.loss_function(logits=output.logits, labels=labels,
+                               vocab_size=model.config.get_text_config().vocab_size,
+                               num_items_in_batch=inputs.get("num_items_in_batch"))
+    return type(output)(loss=loss, **{k: v for k, v in output.items() if k != "loss"})
 
 
 def proportional_mask(padding: torch.Tensor, sizes: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:

@@ -2,11 +2,15 @@
 
 Every strategy is one function with the same signature, registered in STRATEGIES:
 
-    strategy(features [n, d], grid (rows, cols), keep: int, context) -> (kept [k, d], sources [k])
+    strategy(features [n, d], grid (rows, cols), keep: int, context) -> groups [n]
 
-`sources` are the indices (into the image's n tokens, ascending) whose positions the kept
-tokens take; selection strategies return a subset of `features`, `pool` averages windows.
-`compress` adds how many image tokens each kept token stands for (for proportional attention).
+`groups[i]` is the kept token that image token `i` goes into (0 .. k-1, numbered in the order of
+their first token), or -1 if it is dropped. A selection puts each kept token in a group of its
+own; `pool` puts a window's tokens in one group, which the language model sees as their mean.
+A kept token takes the position of its group's first token, and stands for as many image
+tokens as its group holds (for proportional attention). One form serves both, so the cut of
+the sequence (`sts.cut`) applies any strategy alike to every tensor that travels with the
+visual tokens.
 """
 
 from __future__ import annotations
@@ -26,6 +30,13 @@ class Context:
     generator: torch.Generator
 
 
+def selected(sources: torch.Tensor, n: int) -> torch.Tensor:
+    """Groups of a selection: each of the (ascending) `sources` alone, everything else dropped."""
+    groups = torch.full((n,), -1, dtype=torch.long)
+    groups[sources.cpu()] = torch.arange(len(sources))
+    return groups
+
+
 def evenly_spaced(count: int, total: int) -> torch.Tensor:
     """`count` centred, evenly spaced indices in range(total)."""
     return ((torch.arange(count) + 0.5) * total / count).floor().long()
@@ -40,12 +51,12 @@ def uniform(features, grid, keep, context):
         sources = (r[:, None] * cols + c[None, :]).flatten()
     else:
         sources = evenly_spaced(keep, rows * cols)
-    return features[sources], sources
+    return selected(sources, len(features))
 
 
 def random(features, grid, keep, context):
     sources = torch.randperm(len(features), generator=context.generator)[:keep].sort().values
-    return features[sources.to(features.device)], sources
+    return selected(sources, len(features))
 
 
 def text_guided(features, grid, keep, context):
@@ -55,8 +66,7 @@ def text_guided(features, grid, keep, context):
         return uniform(features, grid, keep, context)
     similarity = F.normalize(features.detach().float(), dim=-1) @ F.normalize(context.instruction.detach().float(), dim=-1).T
     scores = similarity.max(dim=-1).values
-    sources = scores.topk(keep).indices.sort().values.cpu()
-    return features[sources.to(features.device)], sources
+    return selected(scores.topk(keep).indices.sort().values, len(features))
 
 
 def distinct(features, grid, keep, context):
@@ -65,25 +75,17 @@ def distinct(features, grid, keep, context):
     content. Needs no text and no attention maps."""
     unit = F.normalize(features.detach().float(), dim=-1)
     typicality = unit @ F.normalize(unit.mean(0), dim=0)
-    sources = typicality.topk(keep, largest=False).indices.sort().values.cpu()
-    return features[sources.to(features.device)], sources
-
-
-def pool_window(grid, keep) -> int:
-    rows, cols = grid
-    return max(1, round(math.sqrt(rows * cols / keep)))
+    return selected(typicality.topk(keep, largest=False).indices.sort().values, len(features))
 
 
 def pool(features, grid, keep, context):
-    """Average k x k windows, k chosen so about `keep` tokens remain; every pixel stays covered."""
+    """Average k x k windows, k chosen so about `keep` tokens remain; every token stays covered
+    (windows at the right and bottom edges may be smaller)."""
     rows, cols = grid
-    k = pool_window(grid, keep)
-    image = features.T.reshape(1, -1, rows, cols)
-    pooled = F.avg_pool2d(image, k, ceil_mode=True).flatten(2)[0].T
-    out_rows, out_cols = math.ceil(rows / k), math.ceil(cols / k)
-    r, c = torch.arange(out_rows) * k, torch.arange(out_cols) * k
-    sources = (r[:, None] * cols + c[None, :]).flatten()  # each window takes its top-left position
-    return pooled, sources
+    k = max(1, round(math.sqrt(rows * cols / keep)))
+    window_cols = math.ceil(cols / k)
+    r, c = torch.arange(rows)[:, None] // k, torch.arange(cols)[None, :] // k
+    return (r * window_cols + c).flatten()  # windows in row-major order: numbered by their first token
 
 
 STRATEGIES = {"uniform": uniform, "random": random, "text_guided": text_guided, "distinct": distinct,
@@ -94,24 +96,11 @@ def kept_count(total: int, keep_ratio: float) -> int:
     return max(1, min(total, round(total * keep_ratio)))
 
 
-def stood_for(strategy: str, grid: tuple[int, int], keep: int, sources: torch.Tensor) -> torch.Tensor:
-    """How many of the image's tokens each compressed token stands for: one for a selection,
-    its window's size for a pooled token."""
-    if strategy != "pool":
-        return torch.ones(len(sources))
-    rows, cols = grid
-    k = pool_window(grid, keep)
-    height = (rows - sources // cols).clamp(max=k)
-    width = (cols - sources % cols).clamp(max=k)
-    return (height * width).float()
-
-
-def compress(strategy: str, features: torch.Tensor, grid: tuple[int, int], keep_ratio: float, context: Context):
-    """(kept tokens, their source slots, how many image tokens each stands for)."""
+def compress(strategy: str, features: torch.Tensor, grid: tuple[int, int], keep_ratio: float,
+             context: Context) -> torch.Tensor:
+    """The groups [n] of one image's tokens (see the module's docstring)."""
     if strategy not in STRATEGIES:
         raise ValueError(f"unknown vtc.strategy {strategy!r}; choose one of {sorted(STRATEGIES)}")
     if keep_ratio >= 1.0:
-        return features, torch.arange(len(features)), torch.ones(len(features))
-    keep = kept_count(len(features), keep_ratio)
-    kept, sources = STRATEGIES[strategy](features, grid, keep, context)
-    return kept, sources, stood_for(strategy, grid, keep, sources)
+        return torch.arange(len(features))
+    return STRATEGIES[strategy](features, grid, kept_count(len(features), keep_ratio), context)

@@ -1,9 +1,19 @@
-"""The protocol every architecture adapter fills: where a model's parts are and how its
-visual tokens are produced, so that STS itself never names a model's attributes."""
+"""The protocol every architecture adapter fills, so that STS itself never names a model's
+attributes: where the parts are, which tokens are visual and how each image's tokens lie on
+a grid, which language-model inputs travel with the visual tokens, where the decoder layers are.
+
+How STS uses it: the model runs its own forward. STS reads each image's projected features as
+the model's own feature method returns them (`Modality.method`), and cuts the sequence where
+the language model receives it (a forward pre-hook on `language_model()`): the embeddings with
+the image features already in place, the attention mask, the 1-D or 3-D position ids the model
+computed for the full sequence, and the adapter's `sequence_kwargs` / `visual_row_kwargs`.
+"""
 
 from __future__ import annotations
 
+import math
 from contextlib import contextmanager
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -11,16 +21,47 @@ from torch import nn
 PARTS = ("vision_tower", "projector", "language_model")
 
 
+@dataclass
+class Modality:
+    """Visual tokens of one kind: their placeholder id in `input_ids`, and the model's method
+    (on `feature_owner()`) that returns their projected features, one tensor per image."""
+
+    name: str  # "image" | "video"
+    token_id: int
+    method: str
+
+
+@dataclass
+class Unit:
+    """What the compressor sees at once: `size` consecutive placeholder tokens of one modality.
+    Of these, `candidates` (indices into the unit, row-major over `grid`; None: all) are on a
+    rows x cols grid and may be dropped or pooled; the others (e.g. row-end newlines) are kept."""
+
+    size: int
+    grid: tuple[int, int]
+    candidates: torch.Tensor | None = None
+
+
+class SkippedLayer(nn.Module):
+    """Stands in for a skipped decoder layer for one step: returns its input hidden states, so
+    whatever the model does around each layer (DeepStack, per-layer attention types, sliding
+    windows, indexed by the layer's place) happens as it would with that layer as an identity."""
+
+    def forward(self, hidden_states, *args, **kwargs):
+        return hidden_states
+
+
 class Adapter:
-    architecture: str = ""
-    image_input_keys: tuple[str, ...] = ("pixel_values",)  # inputs consumed by image_features
+    architectures: tuple[str, ...] = ()  # model class names this adapter serves
+    sequence_kwargs: tuple[str, ...] = ()  # language-model inputs of shape [B, L] besides the mask
+    visual_row_kwargs: dict[str, str] = {}  # input with one row per visual position -> its [B, L] mask input
 
     def __init__(self, model: nn.Module):
         self.model = model
 
     @classmethod
     def matches(cls, model: nn.Module) -> bool:
-        return type(model).__name__ == cls.architecture
+        return type(model).__name__ in cls.architectures
 
     def part(self, name: str) -> list[nn.Module]:
         """The modules that make up one of PARTS."""
@@ -32,41 +73,51 @@ class Adapter:
             for module in self.part(name):
                 module.requires_grad_(modes[name] == "full")
 
-    @property
-    def image_token_id(self) -> int:
-        return self.model.config.image_token_id
+    def feature_owner(self) -> nn.Module:
+        """The module whose `Modality.method`s compute visual features."""
+        return self.model.model
 
-    def embed_text(self, input_ids: torch.Tensor) -> torch.Tensor:
-        """Token embeddings; image placeholders get a harmless id (they are overwritten)."""
-        safe = input_ids.masked_fill(input_ids == self.image_token_id, 0)
-        return self.model.get_input_embeddings()(safe)
+    def language_model(self) -> nn.Module:
+        """The decoder stack: it receives the sequence (embeddings, mask, positions) as kwargs."""
+        return self.model.model.language_model
+
+    def modalities(self) -> list[Modality]:
+        return [Modality("image", self.model.config.image_token_id, "get_image_features")]
+
+    def units(self, modality: str, features: list[torch.Tensor], inputs: dict) -> list[Unit]:
+        """The units of every image (or video) of the batch in order, from its projected
+        features as the model computed them and the batch's inputs. Default: one square grid."""
+        return [Unit(len(f), square_grid(len(f))) for f in features]
 
     def special_token_mask(self, input_ids: torch.Tensor) -> torch.Tensor:
         text = self.model.config.get_text_config()
         special = [t for t in (text.bos_token_id, text.eos_token_id, text.pad_token_id) if t is not None]
         return torch.isin(input_ids, torch.tensor(special, device=input_ids.device))
 
-    def image_features(self, inputs: dict) -> list[tuple[torch.Tensor, tuple[int, int]]]:
-        """Each image's projected tokens [n, d] (in sequence order) and their (rows, cols) grid."""
-        raise NotImplementedError
-
-    def decoder_layers(self) -> tuple[nn.Module, str]:
-        """The module holding the language model's decoder layers and the ModuleList's name."""
-        raise NotImplementedError
+    def decoder_layers(self) -> nn.ModuleList:
+        return self.language_model().layers
 
     @property
     def num_layers(self) -> int:
-        owner, name = self.decoder_layers()
-        return len(getattr(owner, name))
+        return len(self.decoder_layers())
 
     @contextmanager
     def without_layers(self, skipped: list[int]):
-        """Run the language model with the skipped layers absent: never called, so no forward,
-        no backward, no activations, no hooks (FSDP / ZeRO-3 never gather them)."""
-        owner, name = self.decoder_layers()
-        every = getattr(owner, name)
-        setattr(owner, name, nn.ModuleList(layer for i, layer in enumerate(every) if i not in skipped))
+        """Run the language model with the skipped layers replaced by `SkippedLayer`: they are
+        never called, so no forward, no backward, no activations, no hooks (FSDP / ZeRO-3 never
+        gather them); the layer list keeps its length, so per-layer wiring is untouched."""
+        layers = self.decoder_layers()
+        originals = {i: layers[i] for i in skipped}
+        for i in skipped:
+            layers[i] = SkippedLayer()
         try:
             yield
         finally:
-            setattr(owner, name, every)
+            for i, layer in originals.items():
+                layers[i] = layer
+
+
+def square_grid(tokens: int) -> tuple[int, int]:
+    """(side, side) for a square count, else one row."""
+    side = math.isqrt(tokens)
+    return (side, side) if side * side == tokens else (1, tokens)

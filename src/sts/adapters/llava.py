@@ -1,15 +1,15 @@
-"""transformers' LlavaForConditionalGeneration: the tiny embedded model and real LLaVA checkpoints."""
+"""transformers' LlavaForConditionalGeneration: the tiny embedded model and real LLaVA-1.5 checkpoints.
+
+Each image is one square grid of patches (576 = 24 x 24 for CLIP-L/336), one token per patch.
+"""
 
 from __future__ import annotations
-
-import math
 
 from sts.adapters.base import Adapter
 
 
 class LlavaAdapter(Adapter):
-    architecture = "LlavaForConditionalGeneration"
-    image_input_keys = ("pixel_values", "image_sizes", "vision_feature_layer", "vision_feature_select_strategy")
+    architectures = ("LlavaForConditionalGeneration",)
 
     def part(self, name: str):
         inner = self.model.model
@@ -18,23 +18,3 @@ class LlavaAdapter(Adapter):
             "projector": [inner.multi_modal_projector],
             "language_model": [inner.language_model, self.model.lm_head],
         }[name]
-
-    def decoder_layers(self):
-        return self.model.model.language_model, "layers"
-
-    def image_features(self, inputs: dict):
-        config = self.model.config
-        layer = inputs.get("vision_feature_layer")
-        strategy = inputs.get("vision_feature_select_strategy")
-        features = self.model.model.get_image_features(
-            pixel_values=inputs["pixel_values"],
-            vision_feature_layer=config.vision_feature_layer if layer is None else layer,
-            vision_feature_select_strategy=config.vision_feature_select_strategy if strategy is None else strategy,
-            image_sizes=inputs.get("image_sizes"),
-        )
-        result = []
-        for image in features:
-            side = math.isqrt(len(image))
-            grid = (side, side) if side * side == len(image) else (1, len(image))
-            result.append((image, grid))
-        return result

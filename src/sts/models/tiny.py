@@ -17,7 +17,7 @@ from safetensors.torch import load_file, save_file
 from tokenizers import Tokenizer, decoders, pre_tokenizers, processors
 from tokenizers.models import WordLevel
 from transformers import (
-    CLIPImageProcessor,
+    CLIPImageProcessorPil,
     CLIPVisionConfig,
     LlamaConfig,
     LlavaConfig,
@@ -70,7 +70,7 @@ def build_tokenizer() -> PreTrainedTokenizerFast:
 
 def build_processor(cfg: TinyModelConfig | None = None) -> LlavaProcessor:
     cfg = cfg or TinyModelConfig()
-    image_processor = CLIPImageProcessor(
+    image_processor = CLIPImageProcessorPil(
         size={"shortest_edge": cfg.image_size},
         crop_size={"height": cfg.image_size, "width": cfg.image_size},
         image_mean=[0.5, 0.5, 0.5],
