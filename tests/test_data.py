@@ -10,7 +10,7 @@ def test_every_word_is_in_the_vocabulary(synth_data, processor):
     unk = processor.tokenizer.unk_token_id
     for split in ("train", "test"):
         for record in json.loads(synth_data[split].read_text()):
-            text, _ = answer_spans(processor, to_messages(record["conversations"], with_image=True))
+            text, _ = answer_spans(processor, to_messages(record["conversations"], images=1))
             assert unk not in processor.tokenizer(text)["input_ids"], text
 
 
@@ -32,7 +32,7 @@ def test_image_tokens_expanded_as_the_processor_does(synth_data, processor):
     patches = (IMAGE_SIZE // processor.patch_size) ** 2
     image_token = processor.tokenizer.convert_tokens_to_ids(processor.image_token)
     assert int((sample["input_ids"] == image_token).sum()) == patches
-    text, _ = answer_spans(processor, to_messages(dataset.records[0]["conversations"], with_image=True))
+    text, _ = answer_spans(processor, to_messages(dataset.records[0]["conversations"], images=1))
     from sts.data.llava import open_image
 
     reference = processor(text=text, images=open_image(dataset.images_dir, dataset.records[0]["image"]),

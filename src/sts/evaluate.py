@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from sts.data.llava import load_records, open_image, to_messages
+from sts.data.llava import image_paths, load_records, open_image, to_messages
 
 
 def questions(records: list[dict]) -> list[dict]:
@@ -24,7 +24,7 @@ def questions(records: list[dict]) -> list[dict]:
         for k in range(0, len(turns) - 1, 2):
             items.append({
                 "record": record,
-                "messages": to_messages(turns[: k + 1], with_image=bool(record.get("image"))),
+                "messages": to_messages(turns[: k + 1], len(image_paths(record))),
                 "answer": turns[k + 1]["value"].strip(),
                 "type": turns[k].get("type", "all"),
             })
@@ -42,7 +42,7 @@ def answer(model, processor, items: list[dict], images_dir: Path, batch_size: in
     for start in tqdm(range(0, len(items), batch_size), desc="eval", leave=False):
         batch = items[start : start + batch_size]
         prompts = [processor.apply_chat_template(i["messages"], add_generation_prompt=True) for i in batch]
-        images = [open_image(images_dir, i["record"]["image"]) for i in batch if i["record"].get("image")]
+        images = [open_image(images_dir, path) for i in batch for path in image_paths(i["record"])]
         inputs = processor(text=prompts, images=images or None, padding=True, return_tensors="pt")
         inputs.pop("token_type_ids", None)
         inputs = inputs.to(model.device)

@@ -29,21 +29,26 @@ class Shapes:
 
     @classmethod
     def of(cls, config) -> "Shapes":
-        """From a transformers LlavaConfig."""
-        vision, text = config.vision_config, config.text_config
+        """From a transformers multimodal config. The language model's widths are read from any
+        family's text config; the vision side only from fixed-resolution towers (CLIP, SigLIP:
+        `image_size`), as a dynamic-resolution tower's cost depends on each image's size: there
+        (Qwen-VL) only the language model's FLOPs are counted, which is the part STS changes."""
+        vision, text = config.vision_config, config.get_text_config()
         heads = text.num_attention_heads
         kv_heads = getattr(text, "num_key_value_heads", None) or heads
+        head_dim = getattr(text, "head_dim", None) or text.hidden_size // heads
+        fixed = getattr(vision, "image_size", None) is not None
         return cls(
-            vision_hidden=vision.hidden_size,
-            vision_intermediate=vision.intermediate_size,
-            vision_layers=vision.num_hidden_layers,
+            vision_hidden=vision.hidden_size if fixed else 0,
+            vision_intermediate=vision.intermediate_size if fixed else 0,
+            vision_layers=vision.num_hidden_layers if fixed else 0,
             patch_size=vision.patch_size,
-            image_tokens=(vision.image_size // vision.patch_size) ** 2,
-            projector_in=vision.hidden_size,
+            image_tokens=(vision.image_size // vision.patch_size) ** 2 if fixed else 0,
+            projector_in=vision.hidden_size if fixed else 0,
             text_hidden=text.hidden_size,
             text_intermediate=text.intermediate_size,
             text_layers=text.num_hidden_layers,
-            text_kv_hidden=text.hidden_size // heads * kv_heads,
+            text_kv_hidden=head_dim * kv_heads,
             vocab=text.vocab_size,
         )
 

@@ -1,7 +1,7 @@
 """LLaVA-format data for any transformers multimodal processor.
 
-A record is `{id, image, conversations: [{from: human|gpt, value}, ...]}`; the first human
-turn holds `<image>`. The text comes from the processor's own chat template and the image
+A record is `{id, image, conversations: [{from: human|gpt, value}, ...]}`; `image` is a path, a
+list of paths or absent (text only), and `<image>` placeholders in human turns say where each goes. The text comes from the processor's own chat template and the image
 tokens are expanded by the processor itself, so the same code serves the tiny model and a
 real checkpoint. Labels cover only the assistant's answers (and their end-of-turn token).
 """
@@ -30,15 +30,22 @@ def load_records(path: str | Path) -> list[dict]:
     return records
 
 
-def to_messages(conversations: list[dict], with_image: bool) -> list[dict]:
-    """LLaVA turns -> chat-template messages; the image goes with the first user turn."""
-    messages = []
+def image_paths(record: dict) -> list[str]:
+    """A record's images: `image` is one path, a list of paths, or absent (text only)."""
+    image = record.get("image")
+    return [] if not image else [image] if isinstance(image, str) else list(image)
+
+
+def to_messages(conversations: list[dict], images: int) -> list[dict]:
+    """LLaVA turns -> chat-template messages. Each `<image>` placeholder becomes an image part of
+    its turn; images no placeholder names go with the first user turn (LLaVA's convention)."""
+    messages, placed = [], sum(t["value"].count(IMAGE_PLACEHOLDER) for t in conversations if t["from"] == "human")
+    unplaced = images - placed if placed < images else 0
     for turn in conversations:
         text = turn["value"].replace(IMAGE_PLACEHOLDER, "").strip()
         if turn["from"] == "human":
-            content = [{"type": "text", "text": text}]
-            if with_image and not messages:
-                content.insert(0, {"type": "image"})
+            count = turn["value"].count(IMAGE_PLACEHOLDER) + (unplaced if not messages else 0)
+            content = [{"type": "image"}] * count + [{"type": "text", "text": text}]
             messages.append({"role": "user", "content": content})
         elif turn["from"] == "gpt":
             messages.append({"role": "assistant", "content": [{"type": "text", "text": text}]})
@@ -67,29 +74,29 @@ def open_image(images_dir: Path, relative: str) -> Image.Image:
 
 
 def encode(processor, record: dict, images_dir: Path) -> dict[str, torch.Tensor]:
-    """Token ids, labels and image inputs of one record."""
-    has_image = bool(record.get("image"))
-    text, spans = answer_spans(processor, to_messages(record["conversations"], has_image))
-    if has_image:
-        inputs = processor(text=text, images=open_image(images_dir, record["image"]), return_tensors="pt")
-    else:
-        inputs = processor(text=text, return_tensors="pt")
+    """Token ids, labels, image inputs and any other per-token inputs (e.g. `mm_token_type_ids`)
+    of one record; per-token inputs are 1-D, image inputs as the processor returns them."""
+    paths = image_paths(record)
+    text, spans = answer_spans(processor, to_messages(record["conversations"], len(paths)))
+    images = [open_image(images_dir, path) for path in paths]
+    inputs = dict(processor(text=text, images=images or None, return_tensors="pt"))
     input_ids = inputs.pop("input_ids")[0]
     inputs.pop("attention_mask", None)
     inputs.pop("token_type_ids", None)
     tokenizer = processor.tokenizer
 
     def count_tokens(chars: int) -> int:
-        return len(tokenizer(text[:chars])["input_ids"])
+        return len(tokenizer(text[:chars], add_special_tokens=True)["input_ids"])
 
     # The processor expands each image placeholder into many tokens: every boundary after
-    # the image moves by the same number of positions.
+    # the images moves by the same number of positions (answers come after every image).
     expansion = len(input_ids) - count_tokens(len(text))
     labels = torch.full_like(input_ids, IGNORE_INDEX)
     for start, end in spans:
         first, last = count_tokens(start) + expansion, count_tokens(end) + expansion
         labels[first:last] = input_ids[first:last]
-    return {"input_ids": input_ids, "labels": labels, **{k: v for k, v in inputs.items()}}
+    per_token = {k: v[0] for k, v in inputs.items() if v.dim() == 2 and v.shape == (1, len(input_ids))}
+    return {"input_ids": input_ids, "labels": labels, **inputs, **per_token}
 
 
 class LlavaDataset(Dataset):
@@ -135,5 +142,12 @@ class Collator:
             batch["labels"][row, :n] = sample["labels"]
             batch["attention_mask"][row, :n] = 1
         for key in sorted({k for s in samples for k in s} - set(batch)):
-            batch[key] = torch.cat([s[key] for s in samples if key in s])
+            present = [s for s in samples if key in s]
+            if all(s[key].dim() == 1 and len(s[key]) == len(s["input_ids"]) for s in present):
+                batch[key] = torch.zeros((len(samples), length), dtype=present[0][key].dtype)  # per token: padded
+                for row, sample in enumerate(samples):
+                    if key in sample:
+                        batch[key][row, : len(sample[key])] = sample[key]
+            else:
+                batch[key] = torch.cat([s[key] for s in present])  # per image: concatenated
         return batch
