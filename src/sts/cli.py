@@ -109,11 +109,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    from sts.adapters import UnsupportedModelError
     from sts.config import ConfigError
 
     try:
         args.run(args)
-    except (ConfigError, FileNotFoundError) as error:
+    except (ConfigError, FileNotFoundError, UnsupportedModelError) as error:
         print(f"sts: error: {error}", file=sys.stderr)
         return 2
     return 0

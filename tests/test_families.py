@@ -1,0 +1,229 @@
+"""Every supported model class, as a tiny random-weight model saved to and loaded from a
+temporary folder: a batch with several images of different sizes and a text-only sample."""
+
+import copy
+import json
+import math
+
+import pytest
+import torch
+from PIL import Image
+from transformers import AutoModelForImageTextToText, AutoProcessor
+
+import sts
+from sts.adapters import get_adapter, supported
+from sts.cli import main
+from sts.data.llava import IGNORE_INDEX, Collator, encode
+from sts.models.families import save_tiny
+from sts.patch import capture_features
+from sts.vtc import STRATEGIES
+
+FAMILIES = supported()
+RECORDS = [
+    {"id": "two", "image": ["wide.png", "tall.png"],
+     "conversations": [{"from": "human", "value": "<image>\n<image>\nWhat color is the circle ?"},
+                       {"from": "gpt", "value": "red"},
+                       {"from": "human", "value": "How many squares are there ?"}, {"from": "gpt", "value": "2"}]},
+    {"id": "text", "conversations": [{"from": "human", "value": "Is there a red circle ?"},
+                                     {"from": "gpt", "value": "no"}]},
+    {"id": "one", "image": "square.png",
+     "conversations": [{"from": "human", "value": "<image>\nWhich side is the blue square on ?"},
+                       {"from": "gpt", "value": "left"}]},
+]
+SIZES = {"wide.png": (80, 48), "tall.png": (48, 96), "square.png": (64, 64)}
+
+
+@pytest.fixture(scope="module")
+def images(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("images")
+    generator = torch.Generator().manual_seed(0)
+    for name, size in SIZES.items():
+        pixels = torch.randint(0, 255, (size[1], size[0], 3), generator=generator, dtype=torch.uint8)
+        Image.fromarray(pixels.numpy()).save(folder / name)
+    (folder / "train.json").write_text(json.dumps(RECORDS * 2))
+    return folder
+
+
+@pytest.fixture(scope="module", params=FAMILIES)
+def family(request, tmp_path_factory, images):
+    """(model in training mode, processor, batch, checkpoint folder) of one class."""
+    folder = save_tiny(request.param, tmp_path_factory.mktemp(request.param))
+    model = AutoModelForImageTextToText.from_pretrained(folder, dtype=torch.float32)
+    processor = AutoProcessor.from_pretrained(folder)
+    assert type(model).__name__ == request.param
+    batch = Collator(processor.tokenizer.pad_token_id)([encode(processor, r, images) for r in RECORDS])
+    return model.train(), processor, batch, folder
+
+
+def fresh(family):
+    model, _, batch, _ = family
+    return copy.deepcopy(model), batch
+
+
+def language_model_inputs(model, batch, cfg=None):
+    """What the language model receives for `batch` (with STS `cfg` attached, if given)."""
+    seen = []
+    adapter = get_adapter(model)
+    handle = adapter.language_model().register_forward_pre_hook(
+        lambda module, args, kwargs: seen.append(kwargs), with_kwargs=True)
+    if cfg is not None:
+        sts.apply_sts(model, cfg)
+    with torch.no_grad():
+        model(**batch)
+    handle.remove()
+    sts.remove_sts(model)
+    return seen[-1]
+
+
+def visual_mask(model, batch):
+    ids = torch.tensor([m.token_id for m in get_adapter(model).modalities()])
+    return torch.isin(batch["input_ids"], ids)
+
+
+def units_per_row(model, batch) -> list[list]:
+    """The adapter's units of every image, grouped by the row its tokens are in."""
+    adapter = get_adapter(model)
+    with capture_features(adapter) as features, torch.no_grad():
+        model(**batch)
+    rows = [[] for _ in batch["input_ids"]]
+    for modality in adapter.modalities():
+        slots = (batch["input_ids"] == modality.token_id).nonzero()
+        offset = 0
+        for unit in adapter.units(modality.name, features.get(modality.name, []), batch):
+            rows[int(slots[offset, 0])].append(unit)
+            offset += unit.size
+    return rows
+
+
+def expected_kept(unit, strategy: str, ratio: float) -> int:
+    """Tokens of a unit the language model should see: the fixed ones, plus a quarter of the
+    grid (selections), or one per window of the grid (pool: 2 x 2 windows for a quarter)."""
+    rows, cols = unit.grid
+    fixed = unit.size - rows * cols
+    if strategy == "pool":
+        return fixed + math.ceil(rows / 2) * math.ceil(cols / 2)
+    return fixed + max(1, round(rows * cols * ratio))
+
+
+@pytest.mark.parametrize("strategy", STRATEGIES)
+def test_language_model_receives_exactly_the_kept_tokens(family, strategy):
+    model, batch = fresh(family)
+    full = language_model_inputs(model, batch)
+    cut = language_model_inputs(model, batch, {"vtc": {"strategy": strategy, "keep_ratio": 0.25}})
+    units, kept = units_per_row(model, batch), cut["attention_mask"].sum(1)
+    text = (batch["attention_mask"].bool() & ~visual_mask(model, batch)).sum(1)
+    assert [bool(u) for u in units] == [True, False, True], "two images, none, one"
+    assert (kept - text).tolist() == [sum(expected_kept(u, strategy, 0.25) for u in row) for row in units]
+    assert cut["inputs_embeds"].shape[1] == int(kept.max()) < full["inputs_embeds"].shape[1]
+    # Every text token is there, in order, with its embedding; the text-only sample is untouched.
+    for row in range(3):
+        old_text = full["inputs_embeds"][row][batch["attention_mask"][row].bool() & ~visual_mask(model, batch)[row]]
+        new_rows = cut["inputs_embeds"][row][: int(kept[row])]
+        matches = (new_rows[:, None] == old_text[None]).all(-1)
+        assert matches.any(0).all()
+    assert torch.equal(cut["inputs_embeds"][1, : int(kept[1])], full["inputs_embeds"][1, : int(kept[1])])
+
+
+def positions(inputs, row):
+    """[tokens, dims] position ids of one row (1-D or 3-D alike; Qwen3-VL's text row first)."""
+    ids = inputs["position_ids"]
+    ids = ids[:, row] if ids.dim() == 3 else ids[row][None]
+    return ids.T[inputs["attention_mask"][row].bool()]
+
+
+@pytest.mark.parametrize("strategy", ["uniform", "pool"])
+def test_kept_tokens_keep_their_original_positions(family, strategy):
+    model, batch = fresh(family)
+    full = language_model_inputs(model, batch)
+    if full["position_ids"] is None:  # the decoder counts positions itself
+        length = batch["input_ids"].shape[1]
+        full["position_ids"] = torch.arange(length).expand(len(batch["input_ids"]), -1)
+    full["attention_mask"] = batch["attention_mask"]
+    cut = language_model_inputs(model, batch, {"vtc": {"strategy": strategy, "keep_ratio": 0.25}})
+    visual = visual_mask(model, batch)
+    for row in range(3):
+        old, new = positions(full, row).tolist(), positions(cut, row).tolist()
+        old_text = [p for p, v in zip(old, visual[row][batch["attention_mask"][row].bool()]) if not v]
+        it = iter(old)
+        assert all(p in it for p in new), "the kept positions are the full sequence's, in order"
+        assert [p for p in new if p in old_text] == old_text, "text keeps every position it has with all tokens"
+
+
+def test_eval_mode_is_the_unpatched_model_bit_for_bit(family):
+    model, batch = fresh(family)
+    model.eval()
+    with torch.no_grad():
+        reference = model(**batch).logits
+        sts.apply_sts(model, {"vtc": {"strategy": "distinct", "keep_ratio": 0.25}, "lds": {"alpha": 1.0}})
+        patched = model(**batch).logits
+    assert torch.equal(patched, reference)
+
+
+def test_full_keep_ratio_gives_the_unpatched_loss(family):
+    model, batch = fresh(family)
+    reference = model(**batch).loss
+    sts.apply_sts(model, {"vtc": {"strategy": "uniform", "keep_ratio": 1.0}})
+    assert torch.equal(model(**batch).loss, reference)
+
+
+def test_labels_stay_on_the_answers(family):
+    model, batch = fresh(family)
+    seen = []
+    original = model.loss_function
+    model.loss_function = lambda logits, labels, **kw: seen.append(labels) or original(logits, labels, **kw)
+    sts.apply_sts(model, {"vtc": {"strategy": "random", "keep_ratio": 0.25}})
+    model(**batch).loss.backward()
+    for row in range(3):
+        answers = batch["labels"][row][batch["labels"][row] != IGNORE_INDEX]
+        assert torch.equal(seen[-1][row][seen[-1][row] != IGNORE_INDEX], answers)
+
+
+def test_skipping_a_layer_is_running_it_as_an_identity(family):
+    model, batch = fresh(family)
+    layers = get_adapter(model).num_layers
+    k = 1  # Qwen3-VL's tiny model adds DeepStack features after layers 0 and 1
+    reference = copy.deepcopy(model)
+    get_adapter(reference).decoder_layers()[k].register_forward_hook(
+        lambda module, args, kwargs, output: args[0] if args else kwargs["hidden_states"], with_kwargs=True)
+    expected = reference(**batch).loss
+    sts.apply_sts(model, {"lds": {"alpha": 1.0, "epsilon": 0.0, "protect_first": k, "protect_last": layers - k - 1}})
+    sts.set_progress(model, 0, 10)
+    loss = model(**batch).loss
+    assert sts.step_stats(model)["skipped_layers"] == [k]
+    assert torch.allclose(loss, expected, atol=1e-6)
+    assert len(get_adapter(model).decoder_layers()) == layers
+
+
+def test_a_few_sts_train_steps_run(family, images, tmp_path):
+    *_, folder = family
+    steps = [f"stages.{i}.{key}={value}" for i in (0, 1)
+             for key, value in (("max_steps", 2), ("batch_size", 3), ("logging_steps", 1))]
+    assert main(["train", "demo", f"model.path={folder}", f"data.train={images / 'train.json'}",
+                 f"output_dir={tmp_path}", *steps]) == 0
+    trained = AutoModelForImageTextToText.from_pretrained(tmp_path / "instruct" / "model")
+    assert type(trained).__name__ == type(family[0]).__name__
+
+
+@pytest.mark.parametrize("recipe, name", [("llava-1.5", "LlavaForConditionalGeneration"),
+                                          ("llava-onevision", "LlavaOnevisionForConditionalGeneration"),
+                                          ("qwen2.5-vl", "Qwen2_5_VLForConditionalGeneration")])
+def test_shipped_recipes_train_their_family(recipe, name, images, tmp_path):
+    """Each shipped real-model recipe runs as written (gradient checkpointing included) on a
+    tiny checkpoint of its family; only the paths, sizes and precision are overridden."""
+    folder = save_tiny(name, tmp_path / "model")
+    steps = [f"stages.{i}.{key}={value}" for i in (0, 1)
+             for key, value in (("max_steps", 1), ("batch_size", 3), ("gradient_accumulation_steps", 1),
+                                ("bf16", "false"))]
+    assert main(["train", recipe, f"model.path={folder}", f"data.train={images / 'train.json'}",
+                 f"data.images={images}", f"output_dir={tmp_path / 'run'}", *steps]) == 0
+    assert (tmp_path / "run" / "instruct" / "model" / "config.json").exists()
+
+
+def test_an_unknown_model_is_a_clear_error_naming_the_supported_classes():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    model = LlamaForCausalLM(LlamaConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                         num_attention_heads=2, vocab_size=10))
+    with pytest.raises(TypeError, match="no adapter for LlamaForCausalLM") as error:
+        sts.apply_sts(model, {"vtc": {}})
+    assert all(name in str(error.value) for name in FAMILIES) and "docs/adapters.md" in str(error.value)
