@@ -1,8 +1,11 @@
 """apply_sts / remove_sts: attach the Sparse Training Scheme to a model, in training only.
 
 The model's `forward` is replaced on the instance (no new parent modules, so state-dict keys
-never change). In `model.eval()` the original forward runs untouched. Everything STS needs
-to know about training progress comes from `set_progress`; nothing here logs or does I/O.
+never change). In `model.eval()` the original forward runs untouched. In training the model
+still runs its own forward: the compressor cuts the sequence where the language model receives
+it (a pre-hook, for that one forward), and skipped layers are identities for that forward.
+Everything STS needs to know about training progress comes from `set_progress`; nothing here
+logs or does I/O.
 """
 
 from __future__ import annotations
