@@ -18,7 +18,6 @@ from transformers import (
     AutoProcessor,
     CLIPVisionConfig,
     LlamaConfig,
-    LlavaConfig,
     LlavaNextConfig,
     LlavaNextImageProcessorPil,
     LlavaNextProcessor,
@@ -38,7 +37,7 @@ from transformers import (
 )
 
 from sts.data.synth import vocabulary
-from sts.models.tiny import CHAT_TEMPLATE, build_processor
+from sts.models.tiny import CHAT_TEMPLATE, build_config, build_processor
 
 PATCH = 8
 TEXT = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 4, "num_attention_heads": 4,
@@ -116,19 +115,18 @@ def clip_tower(image_size: int) -> CLIPVisionConfig:
 
 
 def qwen_ids(tokenizer) -> dict:
-    ids = {name: tokenizer.convert_tokens_to_ids(token) for name, token in
-           [("image_token_id", "<|image_pad|>"), ("video_token_id", "<|video_pad|>"),
-            ("vision_start_token_id", "<|vision_start|>"), ("vision_end_token_id", "<|vision_end|>")]}
-    return ids
+    """The Qwen configs' special token ids, as this tokenizer numbers them."""
+    return {name: tokenizer.convert_tokens_to_ids(token) for name, token in
+            [("image_token_id", "<|image_pad|>"), ("video_token_id", "<|video_pad|>"),
+             ("vision_start_token_id", "<|vision_start|>"), ("vision_end_token_id", "<|vision_end|>")]}
 
 
 def build(name: str):
-    """(config, processor) of a tiny model of the class `name`."""
+    """(config, processor) of a tiny model of the class `name`, one of FAMILIES."""
+    if name not in FAMILIES:
+        raise ValueError(f"no tiny model of {name!r}; there are: {', '.join(FAMILIES)}")
     if name == "LlavaForConditionalGeneration":
-        processor = build_processor()
-        from sts.models.tiny import build_config
-
-        return build_config(), processor
+        return build_config(), build_processor()
     if name in ("LlavaNextForConditionalGeneration", "LlavaOnevisionForConditionalGeneration"):
         return build_anyres(name)
     processor_class = {"Qwen3VLForConditionalGeneration": QWEN3_VL_PROCESSOR,
