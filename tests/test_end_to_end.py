@@ -61,24 +61,40 @@ def test_eval_of_missing_model_is_a_clear_error(synth_data, tmp_path, capsys):
     assert "no model checkpoint" in capsys.readouterr().err
 
 
-def test_demo_compares_the_recipes_and_writes_results(tmp_path):
-    from sts.demo import RECIPES, run_demo
+def test_demo_compares_the_recipes_over_seeds_and_writes_results(tmp_path):
+    import statistics
+
+    from sts.demo import EQUAL_TIME, RECIPES, run_demo
 
     sizes = [f"model.tiny.{k}={v}" for k, v in TEST_SIZES.model_dump().items()]
-    steps = ["stages.0.max_steps=4", "stages.1.max_steps=4", "stages.0.batch_size=8", "stages.1.batch_size=8",
+    steps = ["stages.0.max_steps=6", "stages.1.max_steps=6", "stages.0.batch_size=8", "stages.1.batch_size=8",
              "stages.0.logging_steps=1", "stages.1.logging_steps=1", "model.base=false"]
-    results = run_demo(tmp_path, train=24, test=3, seed=1, extra=[*sizes, *steps])
+    results = run_demo(tmp_path, train=24, test=3, seed=1, extra=[*sizes, *steps], seeds=[1, 2])
     saved = json.loads((tmp_path / "results.json").read_text())
-    assert list(saved["runs"]) == list(RECIPES) == ["baseline", "sts", "sts-max"]
+    assert saved["seeds"] == [1, 2]
+    assert list(saved["runs"]) == [*RECIPES, EQUAL_TIME] == ["baseline", "sts", "sts-max", EQUAL_TIME]
     for name, run in saved["runs"].items():
         assert set(run["per_type"]) == {"colour", "shape", "count", "exist", "position"}
-        assert run["train_seconds"] > 0 and (tmp_path / name / "instruct" / "model" / "config.json").exists()
-        assert run["model_dir"] == str(tmp_path / name / "instruct" / "model")
+        assert set(run["seeds"]) == {"1", "2"}
+        for seed, seeded in run["seeds"].items():
+            assert seeded["model_dir"] == str(tmp_path / name / f"seed-{seed}" / "instruct" / "model")
+            assert (tmp_path / name / f"seed-{seed}" / "instruct" / "model" / "config.json").exists()
+        accuracies = [seeded["accuracy"] for seeded in run["seeds"].values()]
+        assert run["accuracy"] == statistics.mean(accuracies)
+        assert (run["spread"]["accuracy"]["min"], run["spread"]["accuracy"]["max"]) == (min(accuracies), max(accuracies))
+        assert run["train_seconds"] == statistics.mean(s["train_seconds"] for s in run["seeds"].values()) > 0
     baseline, sparse = saved["runs"]["baseline"], saved["runs"]["sts"]
     assert baseline["speedup"] == 1.0 and baseline["flops_ideal_speedup"] == 1.0
     # The compressor really shortens alignment: fewer FLOPs for the same samples.
     assert sparse["stages"][0]["flops"] < 0.7 * baseline["stages"][0]["flops"]
     assert sparse["stages"][0]["samples"] == baseline["stages"][0]["samples"]
+    # The equal-time baseline: per seed and stage, the steps that fit in the fastest STS recipe's time.
+    for seed in ("1", "2"):
+        dense = baseline["seeds"][seed]["stages"]
+        fastest = min((saved["runs"][n]["seeds"][seed] for n in ("sts", "sts-max")), key=lambda r: r["train_seconds"])
+        cut = saved["runs"][EQUAL_TIME]["seeds"][seed]["stages"]
+        for full, fast, short in zip(dense, fastest["stages"], cut):
+            assert short["steps"] == max(1, round(full["steps"] * fast["seconds"] / full["seconds"]))
     assert (tmp_path / "loss.png").stat().st_size > 10_000
     assert (tmp_path / "accuracy.png").stat().st_size > 10_000
     expected = sparse["accuracy"] / baseline["accuracy"] if baseline["accuracy"] else None

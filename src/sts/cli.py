@@ -33,7 +33,20 @@ def cmd_eval(args) -> None:
 def cmd_demo(args) -> None:
     from sts.demo import run_demo, select_recipes
 
-    run_demo(args.out, train=args.train, test=args.test, seed=args.seed, recipes=select_recipes(args.recipe))
+    run_demo(args.out, train=args.train, test=args.test, seed=args.seed, recipes=select_recipes(args.recipe),
+             seeds=parse_seeds(args.seeds), equal_time=not args.no_equal_time)
+
+
+def parse_seeds(text: str) -> list[int]:
+    from sts.config import ConfigError
+
+    try:
+        seeds = [int(part) for part in text.split(",")]
+    except ValueError:
+        raise ConfigError(f"--seeds {text!r}: expected comma-separated integers, e.g. 0,1,2") from None
+    if len(set(seeds)) != len(seeds):
+        raise ConfigError(f"--seeds {text!r}: a seed is repeated")
+    return seeds
 
 
 def cmd_bench(args) -> None:
@@ -58,7 +71,11 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--out", default="runs/demo", help="folder for data, models, figures and results.json")
     demo.add_argument("--train", type=int, default=4000, help="training images (one conversation each)")
     demo.add_argument("--test", type=int, default=300, help="test images (five questions each)")
-    demo.add_argument("--seed", type=int, default=0)
+    demo.add_argument("--seed", type=int, default=0, help="seed of the synthetic data")
+    demo.add_argument("--seeds", default="0", help="training seeds, comma-separated (e.g. 0,1,2): every recipe "
+                                                   "is trained with each; the table shows means with min-max")
+    demo.add_argument("--no-equal-time", action="store_true",
+                      help="skip the baseline-equal-time row (the dense recipe cut to the fastest STS recipe's time)")
     demo.add_argument("--recipe", action="append", metavar="NAME[='key=value ...']",
                       help="run these recipes (repeatable; default: baseline, sts, sts-max): a shipped name, "
                            "or a new name with overrides of the demo recipe; baseline always runs")

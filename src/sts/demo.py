@@ -1,12 +1,15 @@
 """`sts demo`: the same tiny LLaVA, from the same weights, on the same data, trained by
-each recipe, then evaluated with the full model; one table, two plots, one JSON.
+each recipe for each training seed, then evaluated with the full model; one table (means
+over seeds with their min and max), two plots, one JSON.
 
 Writes DIR/results.json, DIR/loss.png and DIR/accuracy.png.
 
 Recipes (overrides of the shipped `demo` recipe):
 - `baseline`: no STS;
 - `sts`: the paper's design: compressor in alignment, skipper in instruction tuning;
-- `sts-max`: pushed further where it pays on this benchmark (see RECIPES).
+- `sts-max`: pushed further where it pays on this benchmark (see RECIPES);
+- `baseline-equal-time`: no STS, each stage cut to as many steps as fit in the time the
+  fastest STS recipe took for it on the same seed: does sparse training beat training less?
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ from __future__ import annotations
 import datetime
 import json
 import platform
+import statistics
 from pathlib import Path
 
 import torch
@@ -35,6 +39,7 @@ RECIPES = {
         "lds=null",
     ],
 }
+EQUAL_TIME = "baseline-equal-time"
 
 
 def select_recipes(specs: list[str] | None) -> dict[str, list[str]]:
@@ -72,7 +77,7 @@ def summarise(trained: dict, scored: dict) -> dict:
 
 
 def compare(runs: dict) -> None:
-    """Add speedup and retention against the baseline to every run."""
+    """Add speedup and retention against the baseline (of the same seed) to every run."""
     base = runs["baseline"]
     for run in runs.values():
         run["speedup"] = base["train_seconds"] / run["train_seconds"]
@@ -80,47 +85,91 @@ def compare(runs: dict) -> None:
         run["retention"] = run["accuracy"] / base["accuracy"] if base["accuracy"] else None
 
 
+def equal_time_steps(runs: dict) -> list[int]:
+    """Per stage, the baseline's steps scaled to the time the fastest STS recipe took for it."""
+    fastest = min((run for name, run in runs.items() if name != "baseline"), key=lambda run: run["train_seconds"])
+    return [max(1, round(base["steps"] * fast["seconds"] / base["seconds"]))
+            for base, fast in zip(runs["baseline"]["stages"], fastest["stages"])]
+
+
+def spread(values: list[float]) -> dict:
+    return {"mean": statistics.mean(values), "min": min(values), "max": max(values)}
+
+
+def aggregate(per_seed: dict[int, dict]) -> dict:
+    """Recipe -> the mean over seeds at `accuracy`, `train_seconds`, ... (what one seed's run
+    has), `spread` of accuracy, time, speedup and retention, and every seed's run at `seeds`."""
+    recipes = list(next(iter(per_seed.values())))
+    runs = {}
+    for name in recipes:
+        seeds = {seed: runs_of_seed[name] for seed, runs_of_seed in per_seed.items()}
+        mean = {key: statistics.mean(run[key] for run in seeds.values())
+                for key in ("accuracy", "train_seconds", "flops", "speedup", "flops_ideal_speedup")}
+        mean["per_type"] = {kind: statistics.mean(run["per_type"][kind] for run in seeds.values())
+                            for kind in next(iter(seeds.values()))["per_type"]}
+        mean["stages"] = [{key: statistics.mean(run["stages"][i][key] for run in seeds.values())
+                           for key in ("seconds", "samples", "samples_per_s", "flops", "peak_memory_gb")}
+                          | {"name": stage["name"]} for i, stage in enumerate(next(iter(seeds.values()))["stages"])]
+        retentions = [run["retention"] for run in seeds.values() if run["retention"] is not None]
+        mean["spread"] = {key: spread([run[key] for run in seeds.values()])
+                          for key in ("accuracy", "train_seconds", "speedup")}
+        mean["spread"]["retention"] = spread(retentions) if retentions else None
+        mean["seeds"] = {str(seed): run for seed, run in seeds.items()}
+        runs[name] = mean
+    base = runs["baseline"]["accuracy"]
+    for run in runs.values():
+        run["retention"] = run["accuracy"] / base if base else None  # of the means
+    return runs
+
+
 def format_results(results: dict) -> str:
-    runs = results["runs"]
-    lines = [f"sts demo on {results['machine']}, {results['date']}",
-             f"{'recipe':<10}{'stage':<10}{'time s':>8}{'samples/s':>11}{'TFLOPs':>9}{'peak GB':>9}"]
+    runs, seeds = results["runs"], results["seeds"]
+    lines = [f"sts demo on {results['machine']}, {results['date']}; training seeds {seeds}"
+             + (" (means over seeds; min-max in the last columns)" if len(seeds) > 1 else ""),
+             f"{'recipe':<20}{'stage':<10}{'time s':>8}{'samples/s':>11}{'TFLOPs':>9}{'peak GB':>9}"]
     for name, run in runs.items():
         for stage in run["stages"]:
-            lines.append(f"{name:<10}{stage['name']:<10}{stage['seconds']:>8.1f}{stage['samples_per_s']:>11.1f}"
+            lines.append(f"{name:<20}{stage['name']:<10}{stage['seconds']:>8.1f}{stage['samples_per_s']:>11.1f}"
                          f"{stage['flops'] / 1e12:>9.2f}{stage['peak_memory_gb']:>9.2f}")
         total_samples = sum(s["samples"] for s in run["stages"])
-        lines.append(f"{name:<10}{'total':<10}{run['train_seconds']:>8.1f}"
+        lines.append(f"{name:<20}{'total':<10}{run['train_seconds']:>8.1f}"
                      f"{total_samples / run['train_seconds']:>11.1f}{run['flops'] / 1e12:>9.2f}")
     types = list(next(iter(runs.values()))["per_type"])
     lines.append("")
-    lines.append(f"{'recipe':<10}{'accuracy':>9}" + "".join(f"{t:>10}" for t in types)
-                 + f"{'speedup':>9}{'ideal':>7}{'retention':>11}")
+    lines.append(f"{'recipe':<20}{'accuracy':>9}" + "".join(f"{t:>10}" for t in types)
+                 + f"{'speedup':>9}{'ideal':>7}{'retention':>11}"
+                 + (f"{'accuracy min-max':>18}{'retention min-max':>19}" if len(seeds) > 1 else ""))
     for name, run in runs.items():
-        lines.append(f"{name:<10}{run['accuracy']:>9.3f}" + "".join(f"{run['per_type'][t]:>10.3f}" for t in types)
+        retention = run["spread"]["retention"]
+        lines.append(f"{name:<20}{run['accuracy']:>9.3f}" + "".join(f"{run['per_type'][t]:>10.3f}" for t in types)
                      + f"{run['speedup']:>8.2f}x{run['flops_ideal_speedup']:>6.2f}x"
-                     + (f"{run['retention']:>11.3f}" if run["retention"] is not None else f"{'n/a':>11}"))
+                     + (f"{run['retention']:>11.3f}" if run["retention"] is not None else f"{'n/a':>11}")
+                     + (f"{run['spread']['accuracy']['min']:>11.3f}-{run['spread']['accuracy']['max']:.3f}"
+                        + (f"{retention['min']:>12.3f}-{retention['max']:.3f}" if retention else f"{'n/a':>18}")
+                        if len(seeds) > 1 else ""))
     return "\n".join(lines)
 
 
 def plot(results: dict, out: Path) -> None:
-    """loss.png: training loss against wall-clock time; accuracy.png: accuracy per question type."""
+    """loss.png: training loss against wall-clock time, every recipe, first seed; accuracy.png:
+    accuracy per question type and overall, the mean over seeds with min-max error bars."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    runs = results["runs"]
+    runs, first = results["runs"], str(results["seeds"][0])
     caption = f"sts demo, {results['machine']}, {results['date']}"
     figure, axis = plt.subplots(figsize=(7, 4.2))
     for name, run in runs.items():
         offset, times, values = 0.0, [], []
-        for stage in run["stages"]:
+        for stage in run["seeds"][first]["stages"]:
             times += [offset + seconds for seconds, _, _ in stage["losses"]]
             values += [loss for _, _, loss in stage["losses"]]
             offset += stage["seconds"]
-        axis.plot(times, values, label=f"{name} ({run['train_seconds']:.0f}s)")
+        axis.plot(times, values, label=f"{name} ({offset:.0f}s)")
     axis.set(xlabel="wall-clock training time (s)", ylabel="training loss", yscale="log",
-             title=f"loss against time (align, then instruct)\n{caption}")
+             title=f"loss against time (align, then instruct), seed {first}\n{caption}")
     axis.legend()
     axis.grid(alpha=0.3)
     figure.tight_layout()
@@ -129,13 +178,16 @@ def plot(results: dict, out: Path) -> None:
 
     types = list(next(iter(runs.values()))["per_type"]) + ["overall"]
     width = 0.8 / len(runs)
-    figure, axis = plt.subplots(figsize=(7, 4.2))
+    figure, axis = plt.subplots(figsize=(8, 4.2))
     for i, (name, run) in enumerate(runs.items()):
-        values = [run["per_type"][t] for t in types[:-1]] + [run["accuracy"]]
-        axis.bar([x + i * width for x in range(len(types))], values, width, label=name)
+        per_seed = [[seed["per_type"][t] for t in types[:-1]] + [seed["accuracy"]] for seed in run["seeds"].values()]
+        means = [statistics.mean(column) for column in zip(*per_seed)]
+        errors = [[m - min(c) for m, c in zip(means, zip(*per_seed))], [max(c) - m for m, c in zip(means, zip(*per_seed))]]
+        axis.bar([x + i * width for x in range(len(types))], means, width, yerr=errors, capsize=2, label=name)
     axis.set_xticks([x + width * (len(runs) - 1) / 2 for x in range(len(types))], types)
-    axis.set(ylim=(0, 1), ylabel="test accuracy (full model)", title=f"accuracy per question type\n{caption}")
-    axis.legend(loc="lower right")
+    axis.set(ylim=(0, 1), ylabel="test accuracy (full model)",
+             title=f"accuracy per question type, mean and min-max over seeds {results['seeds']}\n{caption}")
+    axis.legend(loc="lower right", fontsize=8)
     axis.grid(alpha=0.3, axis="y")
     figure.tight_layout()
     figure.savefig(out / "accuracy.png", dpi=110)
@@ -143,19 +195,37 @@ def plot(results: dict, out: Path) -> None:
 
 
 def run_demo(out: str | Path = "runs/demo", train: int = 4000, test: int = 300, seed: int = 0,
-             recipes: dict[str, list[str]] = RECIPES, extra: list[str] = ()) -> dict:
+             recipes: dict[str, list[str]] = RECIPES, extra: list[str] = (), seeds: list[int] = (0,),
+             equal_time: bool = True) -> dict:
+    """Data from `seed`; every recipe trained with every training seed in `seeds`; with
+    `equal_time`, the dense recipe cut to the fastest STS recipe's time too."""
     out = Path(out)
     data = generate(out / "data", train, test, seed)
-    results = {"date": datetime.date.today().isoformat(), "machine": machine(), "runs": {}}
-    for name, overrides in recipes.items():
-        print(f"\n=== recipe {name} ===")
-        recipe = load_recipe("demo", [f"data.train={data['train']}", f"output_dir={out / name}",
-                                      f"seed={seed}", *overrides, *extra])
-        trained = run_recipe(recipe)
-        results["runs"][name] = summarise(trained, evaluate(trained["model_dir"], data["test"]))
-    compare(results["runs"])
+    per_seed = {}
+    for training_seed in seeds:
+        runs = {}
+
+        def train_and_score(name: str, overrides: list[str]) -> None:
+            print(f"\n=== recipe {name}, training seed {training_seed} ===")
+            recipe = load_recipe("demo", [f"data.train={data['train']}",
+                                          f"output_dir={out / name / f'seed-{training_seed}'}",
+                                          f"seed={training_seed}", *overrides])
+            trained = run_recipe(recipe)
+            runs[name] = summarise(trained, evaluate(trained["model_dir"], data["test"]))
+
+        for name, overrides in recipes.items():
+            train_and_score(name, [*overrides, *extra])
+        if equal_time and len(runs) > 1:
+            cut = [f"stages.{i}.max_steps={steps}" for i, steps in enumerate(equal_time_steps(runs))]
+            train_and_score(EQUAL_TIME, [*recipes["baseline"], *extra, *cut])
+        compare(runs)
+        per_seed[training_seed] = runs
+    results = {"date": datetime.date.today().isoformat(), "machine": machine(), "seeds": list(seeds),
+               "runs": aggregate(per_seed)}
     plot(results, out)
     (out / "results.json").write_text(json.dumps(results, indent=2))
     print("\n" + format_results(results))
     print(f"\nresults: {out / 'results.json'}; plots: {out / 'loss.png'}, {out / 'accuracy.png'}")
+    if len(seeds) == 1:
+        print(f"one training seed ({seeds[0]}): a single run is a draw; `sts demo --seeds 0,1,2` shows the spread")
     return results
