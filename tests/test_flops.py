@@ -46,3 +46,18 @@ def test_analytic_flops_match_the_flop_counter(batch, stage, sparsity):
     predicted = sum(train_step_flops(Shapes.of(model.config), len(batch["input_ids"]), length,
                                      len(batch["pixel_values"]), STAGES[stage], layers_run).values())
     assert predicted == pytest.approx(measured, rel=0.05)
+
+
+def test_llava_15_projection_has_llava_15s_shape():
+    """At LLaVA-1.5-7B shapes and data lengths alignment is about 30% of the recipe's FLOPs, and
+    the compressor's gain grows with the visual share (93% visual in align, 70% in instruct)."""
+    from sts.config import load_recipe
+    from sts.demo import RECIPES, llava_15_flops
+
+    baseline = llava_15_flops(load_recipe("demo", ["data.train=x", *RECIPES["baseline"]]), [1.0, 1.0])
+    assert 0.27 < baseline[0] / sum(baseline) < 0.33
+    sparse = llava_15_flops(load_recipe("demo", ["data.train=x", *RECIPES["sts-max"]]), [1.0, 1.0])
+    align_gain, instruct_gain = baseline[0] / sparse[0], baseline[1] / sparse[1]
+    assert align_gain > instruct_gain > 1.5
+    half = llava_15_flops(load_recipe("demo", ["data.train=x", *RECIPES["baseline"]]), [0.5, 1.0])
+    assert half[0] == pytest.approx(baseline[0] / 2) and half[1] == baseline[1]

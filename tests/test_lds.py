@@ -135,3 +135,12 @@ def test_alpha_zero_trains_exactly_like_the_unpatched_model(model, batch):
     assert patched[1].keys() == reference[1].keys()
     assert all(torch.equal(patched[1][n], reference[1][n]) for n in reference[1])
     assert sts.step_stats(model)["skipped_layers"] == []
+
+
+def test_expected_skips_is_the_mean_of_the_draws_over_a_run():
+    from sts.lds import expected_skips
+
+    cfg = LDSConfig(alpha=0.9, epsilon=0.8)  # clipped at the deepest layers early in the run
+    steps = 4000
+    drawn = sum(len(draw_skips(LAYERS, step / steps, step, 0, cfg, seed=3)) for step in range(steps)) / steps
+    assert drawn == pytest.approx(expected_skips(LAYERS, cfg), rel=0.03)

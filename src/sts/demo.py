@@ -22,10 +22,14 @@ from pathlib import Path
 
 import torch
 
-from sts.config import ConfigError, load_recipe
+from sts.bench import preset_config
+from sts.config import ConfigError, RecipeConfig, load_recipe
 from sts.data.synth import generate
 from sts.evaluate import evaluate
+from sts.flops import Shapes, train_step_flops
+from sts.lds import expected_skips
 from sts.train import run_recipe
+from sts.vtc import kept_tokens
 
 RECIPES = {
     "baseline": ["vtc=null", "lds=null"],
@@ -40,6 +44,9 @@ RECIPES = {
     ],
 }
 EQUAL_TIME = "baseline-equal-time"
+# LLaVA-1.5's data per stage: (samples, text tokens per sample). LCS-558K's short captions make
+# alignment ~93% visual (576 image tokens), LLaVA-665K's conversations instruction tuning ~70%.
+LLAVA_15_DATA = {"align": (558_000, 43), "instruct": (665_000, 247)}
 
 
 def select_recipes(specs: list[str] | None) -> dict[str, list[str]]:
@@ -76,12 +83,41 @@ def summarise(trained: dict, scored: dict) -> dict:
     }
 
 
+def llava_15_flops(recipe: RecipeConfig, fractions: list[float]) -> list[float]:
+    """Each stage's FLOPs if `recipe` trained LLaVA-1.5-7B (CLIP-L/336: 24 x 24 visual tokens,
+    32 decoder layers of Vicuna-7B's width) on LLaVA-1.5's data, with its STS settings (the
+    skipper's expected skips over the run, the share of full-token steps) and each stage's
+    samples times `fractions` (the share of the dense recipe's steps it ran: the equal-time
+    baseline runs fewer)."""
+    config, _ = preset_config("llava-1.5-7b", layers=32)
+    shapes, side = Shapes.of(config), config.vision_config.image_size // config.vision_config.patch_size
+    flops = []
+    for stage, fraction in zip(recipe.stages, fractions):
+        samples, text = LLAVA_15_DATA[stage.name]
+        sts = recipe.sts_for(stage)
+        trains = {part: mode == "full" for part, mode in stage.train.model_dump().items()}
+        layers = shapes.text_layers - (expected_skips(shapes.text_layers, sts.lds) if sts.lds else 0)
+
+        def per_sample(visual: int) -> float:
+            return sum(train_step_flops(shapes, 1, text + visual, 1, trains, layers).values())
+
+        cost = per_sample(side * side)
+        if sts.vtc:
+            full = sts.vtc.full_tokens_final_fraction + (1 - sts.vtc.full_tokens_final_fraction) \
+                * sts.vtc.full_tokens_random_fraction
+            compressed = per_sample(kept_tokens(sts.vtc.strategy, (side, side), sts.vtc.keep_ratio))
+            cost = full * cost + (1 - full) * compressed
+        flops.append(samples * fraction * cost)
+    return flops
+
+
 def compare(runs: dict) -> None:
     """Add speedup and retention against the baseline (of the same seed) to every run."""
     base = runs["baseline"]
     for run in runs.values():
         run["speedup"] = base["train_seconds"] / run["train_seconds"]
         run["flops_ideal_speedup"] = base["flops"] / run["flops"]
+        run["llava_15_ideal_speedup"] = sum(base["llava_15_flops"]) / sum(run["llava_15_flops"])
         run["retention"] = run["accuracy"] / base["accuracy"] if base["accuracy"] else None
 
 
@@ -104,7 +140,8 @@ def aggregate(per_seed: dict[int, dict]) -> dict:
     for name in recipes:
         seeds = {seed: runs_of_seed[name] for seed, runs_of_seed in per_seed.items()}
         mean = {key: statistics.mean(run[key] for run in seeds.values())
-                for key in ("accuracy", "train_seconds", "flops", "speedup", "flops_ideal_speedup")}
+                for key in ("accuracy", "train_seconds", "flops", "speedup", "flops_ideal_speedup",
+                            "llava_15_ideal_speedup")}
         mean["per_type"] = {kind: statistics.mean(run["per_type"][kind] for run in seeds.values())
                             for kind in next(iter(seeds.values()))["per_type"]}
         mean["stages"] = [{key: statistics.mean(run["stages"][i][key] for run in seeds.values())
@@ -137,16 +174,21 @@ def format_results(results: dict) -> str:
     types = list(next(iter(runs.values()))["per_type"])
     lines.append("")
     lines.append(f"{'recipe':<20}{'accuracy':>9}" + "".join(f"{t:>10}" for t in types)
-                 + f"{'speedup':>9}{'ideal':>7}{'retention':>11}"
+                 + f"{'speedup':>9}{'ideal':>7}{'7B ideal':>9}{'retention':>11}"
                  + (f"{'accuracy min-max':>18}{'retention min-max':>19}" if len(seeds) > 1 else ""))
     for name, run in runs.items():
         retention = run["spread"]["retention"]
         lines.append(f"{name:<20}{run['accuracy']:>9.3f}" + "".join(f"{run['per_type'][t]:>10.3f}" for t in types)
-                     + f"{run['speedup']:>8.2f}x{run['flops_ideal_speedup']:>6.2f}x"
+                     + f"{run['speedup']:>8.2f}x{run['flops_ideal_speedup']:>6.2f}x{run['llava_15_ideal_speedup']:>8.2f}x"
                      + (f"{run['retention']:>11.3f}" if run["retention"] is not None else f"{'n/a':>11}")
                      + (f"{run['spread']['accuracy']['min']:>11.3f}-{run['spread']['accuracy']['max']:.3f}"
                         + (f"{retention['min']:>12.3f}-{retention['max']:.3f}" if retention else f"{'n/a':>18}")
                         if len(seeds) > 1 else ""))
+    base = runs["baseline"]["seeds"][str(seeds[0])]
+    lines += ["", "ideal: FLOPs-ideal speedup here; 7B ideal: the same recipe's at LLaVA-1.5-7B shapes and LLaVA-1.5's "
+              "data lengths (sts.flops).",
+              f"alignment's share of the baseline's FLOPs: {base['stages'][0]['flops'] / base['flops']:.0%} here, "
+              f"{base['llava_15_flops'][0] / sum(base['llava_15_flops']):.0%} in LLaVA-1.5-7B's training"]
     return "\n".join(lines)
 
 
@@ -212,6 +254,9 @@ def run_demo(out: str | Path = "runs/demo", train: int = 4000, test: int = 300, 
                                           f"seed={training_seed}", *overrides])
             trained = run_recipe(recipe)
             runs[name] = summarise(trained, evaluate(trained["model_dir"], data["test"]))
+            dense = runs.get("baseline", runs[name])["stages"]  # the baseline runs first
+            runs[name]["llava_15_flops"] = llava_15_flops(recipe, [stage["steps"] / full["steps"] for stage, full
+                                                                   in zip(trained["stages"], dense)])
 
         for name, overrides in recipes.items():
             train_and_score(name, [*overrides, *extra])

@@ -44,3 +44,9 @@ def draw_skips(layers: int, progress: float, step: int, micro_batch: int, cfg: L
         if p > 0 and seeded_coin(seed, step, micro_batch, layer) < p:
             skipped.append(layer)
     return skipped
+
+
+def expected_skips(layers: int, cfg: LDSConfig, points: int = 1000) -> float:
+    """Layers skipped per step on average over a whole run (progress 0 -> 1), clipping included."""
+    grid = [(i + 0.5) / points for i in range(points)]
+    return sum(skip_probability(layer, layers, e, cfg) for e in grid for layer in range(layers)) / points

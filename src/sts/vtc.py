@@ -104,3 +104,10 @@ def compress(strategy: str, features: torch.Tensor, grid: tuple[int, int], keep_
     if keep_ratio >= 1.0:
         return torch.arange(len(features))
     return STRATEGIES[strategy](features, grid, kept_count(len(features), keep_ratio), context)
+
+
+def kept_tokens(strategy: str, grid: tuple[int, int], keep_ratio: float) -> int:
+    """How many tokens a grid keeps (a count that does not depend on the image's content)."""
+    rows, cols = grid
+    blank = torch.zeros(rows * cols, 1)
+    return int(compress(strategy, blank, grid, keep_ratio, Context(None, torch.Generator().manual_seed(0))).max()) + 1
