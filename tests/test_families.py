@@ -227,3 +227,18 @@ def test_an_unknown_model_is_a_clear_error_naming_the_supported_classes():
     with pytest.raises(TypeError, match="no adapter for LlamaForCausalLM") as error:
         sts.apply_sts(model, {"vtc": {}})
     assert all(name in str(error.value) for name in FAMILIES) and "docs/adapters.md" in str(error.value)
+
+
+def test_proportional_attention_weighs_pooled_tokens_on_every_family(family):
+    """The 4-D mask reaches the decoder with each pooled token weighted as its window: the
+    last real query of a row weighs as many tokens as the row had before pooling."""
+    model, batch = fresh(family)
+    cut = language_model_inputs(model, batch, {"vtc": {"strategy": "pool", "keep_ratio": 0.25,
+                                                       "proportional_attention": True}})
+    mask = cut["attention_mask"]
+    assert mask.dim() == 4
+    for row in range(3):
+        allowed = mask[row, 0] > torch.finfo(mask.dtype).min
+        last = int(allowed.any(-1).nonzero().max()) if allowed.any() else 0
+        weights = mask[row, 0, last][allowed[last]].exp().sum()
+        assert round(float(weights)) == int(batch["attention_mask"][row].sum())
