@@ -52,9 +52,8 @@ class Cut:
         live = self.target >= 0
         rows = torch.arange(batch, device=x.device)[:, None].expand_as(self.target)
         index = (rows * self.length + self.target)[live]
-        out = x.new_zeros(batch * self.length, *x.shape[2:]).index_add(0, index, x[live])
-        counts = self.sizes.clamp(min=1).to(x.dtype).reshape(-1, *[1] * (x.dim() - 2))
-        return (out / counts).reshape(batch, self.length, *x.shape[2:])
+        out = means(x[live], index, self.sizes.flatten().clamp(min=1))
+        return out.reshape(batch, self.length, *x.shape[2:])
 
     def pick(self, x: torch.Tensor, fill=0) -> torch.Tensor:
         """x [..., B, L] (any leading dims, e.g. 3-D positions) -> [..., B, L']: the values of
@@ -72,7 +71,10 @@ class Cut:
         targets = self.target[visual]
         b = visual.nonzero()[:, 0]
         live = targets >= 0
-        destination = new_index[b[live], targets[live]]
-        out = rows.new_zeros(int(new_visual.sum()), *rows.shape[1:]).index_add(0, destination, rows[live])
-        counts = self.sizes[new_visual].to(rows.dtype).reshape(-1, *[1] * (rows.dim() - 1))
-        return out / counts
+        return means(rows[live], new_index[b[live], targets[live]], self.sizes[new_visual])
+
+
+def means(values: torch.Tensor, index: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+    """values [n, ...] summed into len(counts) slots by `index`, each divided by its count."""
+    out = values.new_zeros(len(counts), *values.shape[1:]).index_add(0, index, values)
+    return out / counts.to(values.dtype).reshape(-1, *[1] * (values.dim() - 1))

@@ -139,14 +139,17 @@ def aggregate(per_seed: dict[int, dict]) -> dict:
     runs = {}
     for name in recipes:
         seeds = {seed: runs_of_seed[name] for seed, runs_of_seed in per_seed.items()}
-        mean = {key: statistics.mean(run[key] for run in seeds.values())
-                for key in ("accuracy", "train_seconds", "flops", "speedup", "flops_ideal_speedup",
-                            "llava_15_ideal_speedup")}
-        mean["per_type"] = {kind: statistics.mean(run["per_type"][kind] for run in seeds.values())
-                            for kind in next(iter(seeds.values()))["per_type"]}
-        mean["stages"] = [{key: statistics.mean(run["stages"][i][key] for run in seeds.values())
+        first = next(iter(seeds.values()))
+
+        def average(value) -> float:
+            return statistics.mean(value(run) for run in seeds.values())
+
+        mean = {key: average(lambda run: run[key]) for key in ("accuracy", "train_seconds", "flops", "speedup",
+                                                                "flops_ideal_speedup", "llava_15_ideal_speedup")}
+        mean["per_type"] = {kind: average(lambda run: run["per_type"][kind]) for kind in first["per_type"]}
+        mean["stages"] = [{key: average(lambda run: run["stages"][i][key])
                            for key in ("seconds", "samples", "samples_per_s", "flops", "peak_memory_gb")}
-                          | {"name": stage["name"]} for i, stage in enumerate(next(iter(seeds.values()))["stages"])]
+                          | {"name": stage["name"]} for i, stage in enumerate(first["stages"])]
         retentions = [run["retention"] for run in seeds.values() if run["retention"] is not None]
         mean["spread"] = {key: spread([run[key] for run in seeds.values()])
                           for key in ("accuracy", "train_seconds", "speedup")}

@@ -1,7 +1,8 @@
 """LLaVA-format data for any transformers multimodal processor.
 
 A record is `{id, image, conversations: [{from: human|gpt, value}, ...]}`; `image` is a path, a
-list of paths or absent (text only), and `<image>` placeholders in human turns say where each goes. The text comes from the processor's own chat template and the image
+list of paths or absent (text only), and `<image>` placeholders in human turns say where each
+goes. The text comes from the processor's own chat template and the image
 tokens are expanded by the processor itself, so the same code serves the tiny model and a
 real checkpoint. Labels cover only the assistant's answers (and their end-of-turn token).
 """
@@ -40,7 +41,7 @@ def to_messages(conversations: list[dict], images: int) -> list[dict]:
     """LLaVA turns -> chat-template messages. Each `<image>` placeholder becomes an image part of
     its turn; images no placeholder names go with the first user turn (LLaVA's convention)."""
     messages, placed = [], sum(t["value"].count(IMAGE_PLACEHOLDER) for t in conversations if t["from"] == "human")
-    unplaced = images - placed if placed < images else 0
+    unplaced = max(images - placed, 0)
     for turn in conversations:
         text = turn["value"].replace(IMAGE_PLACEHOLDER, "").strip()
         if turn["from"] == "human":
@@ -86,10 +87,10 @@ def encode(processor, record: dict, images_dir: Path) -> dict[str, torch.Tensor]
     tokenizer = processor.tokenizer
 
     def count_tokens(chars: int) -> int:
-        return len(tokenizer(text[:chars], add_special_tokens=True)["input_ids"])
+        return len(tokenizer(text[:chars])["input_ids"])
 
     # The processor expands each image placeholder into many tokens: every boundary after
-    # the images moves by the same number of positions (answers come after every image).
+    # the images move by the same number of positions (answers come after every image).
     expansion = len(input_ids) - count_tokens(len(text))
     labels = torch.full_like(input_ids, IGNORE_INDEX)
     for start, end in spans:

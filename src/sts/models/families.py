@@ -97,7 +97,7 @@ QWEN2_5_VL_PROCESSOR = images_and_text(Qwen2_5_VLProcessor, Qwen2_5_VLConfig)
 QWEN3_VL_PROCESSOR = images_and_text(Qwen3VLProcessor, Qwen3VLConfig)
 
 
-def qwen_processor(processor_class=QWEN2_VL_PROCESSOR):
+def qwen_processor(processor_class):
     tokenizer = word_tokenizer(QWEN_SPECIALS, pad_token="<|endoftext|>", eos_token="<|im_end|>")
     image_processor = Qwen2VLImageProcessorPil(patch_size=PATCH, merge_size=2, temporal_patch_size=2,
                                                min_pixels=16 * 16, max_pixels=96 * 96,
