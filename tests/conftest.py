@@ -11,7 +11,7 @@ TEST_SIZES = TinyModelConfig(vision_hidden=32, vision_layers=1, text_hidden=64, 
 @pytest.fixture(scope="session")
 def synth_data(tmp_path_factory):
     out = tmp_path_factory.mktemp("synth")
-    return generate(out, train=48, test=6, seed=7)
+    return generate(out, train=48, test=6, seed=7, align=16)
 
 
 @pytest.fixture(scope="session")

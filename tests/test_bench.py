@@ -21,9 +21,10 @@ def test_bench_times_every_setting_and_records_json(tmp_path):
 
 
 def test_gpu_presets_have_the_published_widths():
-    seven_b, _ = preset_config("llava-1.5-7b", layers=None)
+    seven_b, text_tokens = preset_config("llava-1.5-7b", layers=None)
+    assert text_tokens == {"align": 43, "instruct": 247}, "LLaVA-1.5's caption and conversation lengths"
     shapes = Shapes.of(seven_b)
-    assert (shapes.text_hidden, shapes.text_intermediate, shapes.text_layers) == (4096, 11008, 8)
+    assert (shapes.text_hidden, shapes.text_intermediate, shapes.text_layers) == (4096, 11008, 32)
     assert shapes.image_tokens == 576 and shapes.vision_hidden == 1024
     half_b, _ = preset_config("llava-1.5-0.5b", layers=None)
     shapes = Shapes.of(half_b)

@@ -53,6 +53,20 @@ def test_collator_pads_right_and_ignores_padding(synth_data, processor):
     assert (batch["input_ids"][1, n:] == processor.tokenizer.pad_token_id).all()
 
 
+def test_plain_format_is_the_images_then_the_caption_which_alone_is_trained(synth_data, processor):
+    dataset = LlavaDataset(synth_data["align"], processor, template="plain")
+    tokenizer = processor.tokenizer
+    for index in range(len(dataset)):
+        sample = dataset[index]
+        caption = dataset.records[index]["conversations"][1]["value"].split()
+        tokens = tokenizer.convert_ids_to_tokens(sample["input_ids"].tolist())
+        patches = (IMAGE_SIZE // processor.patch_size) ** 2
+        assert tokens == [tokenizer.bos_token, *[processor.image_token] * patches, *caption, tokenizer.eos_token]
+        labelled = sample["labels"] != IGNORE_INDEX
+        assert tokenizer.convert_ids_to_tokens(sample["labels"][labelled].tolist()) == [*caption, tokenizer.eos_token]
+        assert labelled.nonzero().min() == 1 + patches, "only the caption and its end are trained"
+
+
 def test_record_without_image(processor):
     from pathlib import Path
 

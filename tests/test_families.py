@@ -199,7 +199,7 @@ def test_a_few_sts_train_steps_run(family, images, tmp_path):
     steps = [f"stages.{i}.{key}={value}" for i in (0, 1)
              for key, value in (("max_steps", 2), ("batch_size", 3), ("logging_steps", 1))]
     assert main(["train", "demo", f"model.path={folder}", f"data.train={images / 'train.json'}",
-                 f"output_dir={tmp_path}", *steps]) == 0
+                 f"stages.0.data.train={images / 'train.json'}", f"output_dir={tmp_path}", *steps]) == 0
     trained = AutoModelForImageTextToText.from_pretrained(tmp_path / "instruct" / "model")
     assert type(trained).__name__ == type(family[0]).__name__
 
@@ -214,8 +214,9 @@ def test_shipped_recipes_train_their_family(recipe, name, images, tmp_path):
     steps = [f"stages.{i}.{key}={value}" for i in (0, 1)
              for key, value in (("max_steps", 1), ("batch_size", 3), ("gradient_accumulation_steps", 1),
                                 ("bf16", "false"))]
-    assert main(["train", recipe, f"model.path={folder}", f"data.train={images / 'train.json'}",
-                 f"data.images={images}", f"output_dir={tmp_path / 'run'}", *steps]) == 0
+    data = [f"{prefix}.{key}={value}" for prefix in ("data", "stages.0.data")
+            for key, value in (("train", images / "train.json"), ("images", images))]
+    assert main(["train", recipe, f"model.path={folder}", *data, f"output_dir={tmp_path / 'run'}", *steps]) == 0
     assert (tmp_path / "run" / "instruct" / "model" / "config.json").exists()
 
 

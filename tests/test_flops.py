@@ -1,3 +1,5 @@
+import statistics
+
 import pytest
 from torch.utils.flop_counter import FlopCounterMode
 
@@ -61,3 +63,33 @@ def test_llava_15_projection_has_llava_15s_shape():
     assert align_gain > instruct_gain > 1.5
     half = llava_15_flops(load_recipe("demo", ["data.train=x", *RECIPES["baseline"]]), [0.5, 1.0])
     assert half[0] == pytest.approx(baseline[0] / 2) and half[1] == baseline[1]
+
+
+def test_the_demo_is_a_scale_model_of_llava_15_7b_training(synth_data, processor):
+    """On the demo's data and tiny model, alignment's share of the FLOPs and every demo recipe's
+    FLOPs-ideal speedup are within 10% of what they are at LLaVA-1.5-7B's shapes and data, so
+    what STS saves in the demo is what it would save there."""
+    from sts.config import load_recipe
+    from sts.data.llava import LlavaDataset
+    from sts.demo import RECIPES, llava_15_flops, recipe_flops
+    from sts.models import tiny
+
+    image = processor.tokenizer.convert_tokens_to_ids(processor.image_token)
+
+    def text_tokens(dataset) -> float:
+        return statistics.mean(int((dataset[i]["input_ids"] != image).sum()) for i in range(len(dataset)))
+
+    lengths = {"align": text_tokens(LlavaDataset(synth_data["align"], processor, template="plain")),
+               "instruct": text_tokens(LlavaDataset(synth_data["train"], processor))}
+
+    def ideal_speedups(name):
+        recipe = load_recipe("demo", ["data.train=x", *RECIPES[name]])
+        data = {stage.name: (stage.max_steps * stage.batch_size, lengths[stage.name]) for stage in recipe.stages}
+        here = recipe_flops(recipe, tiny.build_config(recipe.model.tiny), data, [1.0, 1.0])
+        return here, llava_15_flops(recipe, [1.0, 1.0])
+
+    base_here, base_7b = ideal_speedups("baseline")
+    assert base_here[0] / sum(base_here) == pytest.approx(base_7b[0] / sum(base_7b), rel=0.1)
+    for name in RECIPES:
+        here, seven_b = ideal_speedups(name)
+        assert sum(base_here) / sum(here) == pytest.approx(sum(base_7b) / sum(seven_b), rel=0.1), name

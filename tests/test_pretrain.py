@@ -35,10 +35,26 @@ def test_shipped_base_language_model_answers_every_question_type_from_symbolic_s
     from sts.pretrain import EMPTY_KEY, SceneBatches, SymbolicAnswers, held_out_accuracy
 
     cfg = TinyModelConfig()
-    paths = generate(tmp_path, train=1, test=48, seed=99, questions_per_type=2)
+    paths = generate(tmp_path, train=1, test=48, seed=99, questions=10)
     processor = build_processor(cfg)
     batch = next(iter(SceneBatches(LlavaDataset(paths["test"], processor), 48, seed=0)))
     scorer = SymbolicAnswers(build_model(cfg, base=True), cfg, processor.tokenizer, load_extra(BASE_WEIGHTS, EMPTY_KEY))
     accuracy = held_out_accuracy(scorer, batch)
     assert set(accuracy) == {"overall", *QUESTION_TYPES}
     assert all(value >= 0.9 for value in accuracy.values()), accuracy
+
+
+def test_shipped_base_language_model_describes_symbolic_scenes(tmp_path):
+    """Alignment trains the projector on captions with the language model frozen, so the base
+    LM must already caption a scene (LLaVA-1.5's plain format), as a real LLM can describe."""
+    from sts.data.llava import LlavaDataset
+    from sts.data.synth import generate
+    from sts.models.tiny import BASE_WEIGHTS, build_model, build_processor, load_extra
+    from sts.pretrain import EMPTY_KEY, SceneBatches, SymbolicAnswers, held_out_accuracy
+
+    cfg = TinyModelConfig()
+    paths = generate(tmp_path, train=1, test=1, seed=98, align=48)
+    processor = build_processor(cfg)
+    batch = next(iter(SceneBatches(LlavaDataset(paths["align"], processor, template="plain"), 48, seed=0)))
+    scorer = SymbolicAnswers(build_model(cfg, base=True), cfg, processor.tokenizer, load_extra(BASE_WEIGHTS, EMPTY_KEY))
+    assert held_out_accuracy(scorer, batch)["overall"] >= 0.9, "caption words predicted from the scene"

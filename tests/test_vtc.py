@@ -141,6 +141,26 @@ def test_final_fraction_trains_on_full_tokens(model, batch):
     assert sts.step_stats(model)["visual_tokens_kept"] == 4 * PATCHES
 
 
+def test_keep_ratio_schedule_goes_from_coarse_to_fine(model, batch):
+    schedule = {"strategy": "pool", "keep_ratio": 1 / 16, "keep_ratio_schedule": [[0.5, 0.25], [0.9, 1.0]]}
+    sts.apply_sts(model, {"vtc": schedule})
+    kept = []
+    for step in (0, 49, 50, 89, 90):
+        sts.set_progress(model, step, 100)
+        model(**batch)
+        kept.append(sts.step_stats(model)["visual_tokens_kept"])
+    assert kept == [4 * PATCHES // 16] * 2 + [4 * PATCHES // 4] * 2 + [4 * PATCHES]
+    assert sts.STSConfig(vtc=schedule).vtc.phases() == [(0.5, 1 / 16), (0.4, 0.25), pytest.approx((0.1, 1.0))]
+
+
+@pytest.mark.parametrize("points", [[[0.6, 0.25], [0.5, 0.5]], [[1.0, 0.5]], [[0.5, 0.0]]])
+def test_a_keep_ratio_schedule_must_ascend_inside_the_stage(points):
+    from sts.config import ConfigError, load_recipe
+
+    with pytest.raises(ConfigError, match="keep_ratio_schedule"):
+        load_recipe("demo", [f"vtc.keep_ratio_schedule={points}"])
+
+
 def full_token_steps(seed: int, steps: int = 400) -> list[bool]:
     """Which steps a random full-token fraction of 0.3 leaves uncompressed; asserts that every
     micro-batch of a step (or every rank) decides alike."""

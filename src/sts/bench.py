@@ -29,23 +29,35 @@ ALIGN = {"vision_tower": "frozen", "projector": "full", "language_model": "froze
 INSTRUCT = {"vision_tower": "frozen", "projector": "full", "language_model": "full"}
 
 
+# LLaVA-1.5's two stages: (samples, mean text tokens per sample beside its 576 visual tokens):
+# LCS-558K's short captions, then mix665k's multi-turn conversations.
+LLAVA_15_DATA = {"align": (558_000, 43), "instruct": (665_000, 247)}
+
+
 @dataclass
 class Setting:
     name: str
-    parts: dict
-    sts: dict | None  # None: the unpatched model
-    baseline: str  # the setting its speedup is measured against
+    stage: str  # "align" (projector trains) or "instruct" (projector and language model train)
+    sts: dict | None  # None: the unpatched model; its speedup is against its stage's unpatched setting
+
+    @property
+    def parts(self) -> dict:
+        return ALIGN if self.stage == "align" else INSTRUCT
 
 
 SETTINGS = [
-    Setting("align", ALIGN, None, "align"),
-    Setting("align+vtc0.25", ALIGN, {"vtc": {"strategy": "uniform", "keep_ratio": 0.25}}, "align"),
-    Setting("instruct", INSTRUCT, None, "instruct"),
-    Setting("instruct+lds0.5", INSTRUCT, {"lds": {"alpha": 0.5, "epsilon": 0.5}}, "instruct"),
+    Setting("align", "align", None),
+    Setting("align+vtc0.25", "align", {"vtc": {"strategy": "uniform", "keep_ratio": 0.25}}),
+    Setting("instruct", "instruct", None),
+    Setting("instruct+lds0.5", "instruct", {"lds": {"alpha": 0.5, "epsilon": 0.5}}),
     # sts-max's instruction tuning: 2x2 pooling with proportional attention (a 4D float mask)
-    Setting("instruct+pool0.25", INSTRUCT,
-            {"vtc": {"strategy": "pool", "keep_ratio": 0.25, "proportional_attention": True}}, "instruct"),
-    Setting("instruct+sts-off", INSTRUCT, {}, "instruct"),  # apply_sts with nothing enabled: its overhead
+    Setting("instruct+pool0.25", "instruct",
+            {"vtc": {"strategy": "pool", "keep_ratio": 0.25, "proportional_attention": True}}),
+    Setting("instruct+uniform0.25", "instruct", {"vtc": {"strategy": "uniform", "keep_ratio": 0.25}}),
+    Setting("instruct+pool0.25+lds0.5", "instruct",
+            {"vtc": {"strategy": "pool", "keep_ratio": 0.25, "proportional_attention": True},
+             "lds": {"alpha": 0.5, "epsilon": 0.5}}),
+    Setting("instruct+sts-off", "instruct", {}),  # apply_sts with nothing enabled: its overhead
 ]
 
 
@@ -54,21 +66,22 @@ def clip_l_336() -> CLIPVisionConfig:
                             image_size=336, patch_size=14)
 
 
-def preset_config(name: str, layers: int | None) -> tuple[LlavaConfig, int]:
-    """(config, text tokens per sample) of a preset; `layers` overrides the decoder depth."""
+def preset_config(name: str, layers: int | None) -> tuple[LlavaConfig, dict]:
+    """(config, text tokens per sample in each stage) of a preset; `layers` overrides the decoder depth."""
+    llava_text = {stage: text for stage, (_, text) in LLAVA_15_DATA.items()}
     if name == "tiny":
-        return tiny.build_config(TinyModelConfig()), 66
+        return tiny.build_config(TinyModelConfig()), {"align": 66, "instruct": 66}
     if name == "llava-1.5-7b":
         text = LlamaConfig(hidden_size=4096, intermediate_size=11008, num_attention_heads=32,
-                           num_key_value_heads=32, num_hidden_layers=layers or 8, vocab_size=32064,
+                           num_key_value_heads=32, num_hidden_layers=layers or 32, vocab_size=32064,
                            max_position_embeddings=4096)
         return LlavaConfig(vision_config=clip_l_336(), text_config=text, image_token_index=32000,
-                           vision_feature_layer=-2, image_seq_length=576), 128
+                           vision_feature_layer=-2, image_seq_length=576), llava_text
     if name == "llava-1.5-0.5b":
         text = Qwen2Config(hidden_size=896, intermediate_size=4864, num_attention_heads=14, num_key_value_heads=2,
                            num_hidden_layers=layers or 24, vocab_size=151936, max_position_embeddings=4096)
         return LlavaConfig(vision_config=clip_l_336(), text_config=text, image_token_index=151646,
-                           vision_feature_layer=-2, image_seq_length=576), 128
+                           vision_feature_layer=-2, image_seq_length=576), llava_text
     raise ValueError(f"unknown preset {name!r}; choose tiny, llava-1.5-7b or llava-1.5-0.5b")
 
 
@@ -123,9 +136,10 @@ def run_bench(preset: str = "tiny", steps: int = 10, warmup: int = 2, batch: int
     config, text_tokens = preset_config(preset, layers)
     config.text_config._attn_implementation = config.vision_config._attn_implementation = "sdpa"
     torch.manual_seed(0)
-    model = LlavaForConditionalGeneration(config).to(device=device, dtype=dtype).train()
+    with torch.device(device):  # built where it runs: a 7B model's CPU init alone takes minutes
+        model = LlavaForConditionalGeneration(config).to(dtype=dtype).train()
     shapes = Shapes.of(config)
-    inputs = synthetic_batch(config, batch, text_tokens, device)
+    inputs = {stage: synthetic_batch(config, batch, text, device) for stage, text in text_tokens.items()}
     chosen = [s for s in SETTINGS if settings is None or s.name in settings]
     records = {s.name: Record() for s in chosen}
     adapter = get_adapter(model)
@@ -139,11 +153,12 @@ def run_bench(preset: str = "tiny", steps: int = 10, warmup: int = 2, batch: int
             sts.set_progress(model, step, steps)  # LDS sees a whole run's schedule over the timed steps
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats()
+        batch_inputs = inputs[setting.stage]
         with Timer(device) as timer:
-            model(**inputs).loss.backward()
+            model(**batch_inputs).loss.backward()
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
-        length, layers_run = inputs["input_ids"].shape[1], shapes.text_layers
+        length, layers_run = batch_inputs["input_ids"].shape[1], shapes.text_layers
         if setting.sts is not None:
             stats = sts.step_stats(model)
             length, layers_run = stats["lm_seq_len"], shapes.text_layers - len(stats.get("skipped_layers", []))
@@ -165,7 +180,7 @@ def run_bench(preset: str = "tiny", steps: int = 10, warmup: int = 2, batch: int
 
     rows = {}
     for setting in chosen:
-        record, base = records[setting.name], records.get(setting.baseline, records[setting.name])
+        record, base = records[setting.name], records.get(setting.stage, records[setting.name])
         seconds, base_seconds = statistics.mean(record.times), statistics.mean(base.times)
         speedup = base_seconds / seconds
         ideal = statistics.mean(base.flops) / statistics.mean(record.flops)
@@ -186,15 +201,15 @@ def run_bench(preset: str = "tiny", steps: int = 10, warmup: int = 2, batch: int
         "dtype": str(dtype).replace("torch.", ""),
         "batch": batch,
         "decoder_layers": shapes.text_layers,
-        "sequence_tokens": inputs["input_ids"].shape[1],
+        "sequence_tokens": {stage: batch_inputs["input_ids"].shape[1] for stage, batch_inputs in inputs.items()},
         "steps": steps,
         "warmup": warmup,
-        "lm_share_of_flops": lm_share(shapes, batch, inputs["input_ids"].shape[1]),
+        "lm_share_of_flops": lm_share(shapes, batch, inputs["instruct"]["input_ids"].shape[1]),
         "settings": rows,
     }
     print(format_bench(result))
     if out:
-        path = Path(out) / f"bench-{preset}-{result['device'].replace(' ', '_').replace(',', '')}.json"
+        path = Path(out) / f"bench-{preset}-b{batch}-{result['device'].replace(' ', '_').replace(',', '')}.json"
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(result, indent=2))
         print(f"recorded {path}")
@@ -209,11 +224,11 @@ def lm_share(shapes: Shapes, batch: int, length: int) -> float:
 
 def format_bench(result: dict) -> str:
     head = (f"sts bench {result['preset']} on {result['device']} ({result['dtype']}, batch {result['batch']}, "
-            f"{result['sequence_tokens']} tokens, {result['decoder_layers']} decoder layers, {result['date']})")
-    lines = [head, f"{'setting':<18}{'steps/s':>9}{'tokens/s':>11}{'peak GB':>9}{'speedup':>9}{'ideal':>8}{'ratio':>7}"]
+            f"{result['sequence_tokens']['align']}/{result['sequence_tokens']['instruct']} tokens in align/instruct, {result['decoder_layers']} decoder layers, {result['date']})")
+    lines = [head, f"{'setting':<26}{'steps/s':>9}{'tokens/s':>11}{'peak GB':>9}{'speedup':>9}{'ideal':>8}{'ratio':>7}"]
     for name, row in result["settings"].items():
         peak = f"{row['peak_memory_gb']:.1f}" if row["peak_memory_gb"] else "n/a"
-        lines.append(f"{name:<18}{row['steps_per_s']:>9.2f}{row['lm_tokens_per_s']:>11.0f}{peak:>9}"
+        lines.append(f"{name:<26}{row['steps_per_s']:>9.2f}{row['lm_tokens_per_s']:>11.0f}{peak:>9}"
                      f"{row['speedup']:>9.2f}{row['flops_ideal_speedup']:>8.2f}{row['speedup_over_ideal']:>7.2f}")
     lines.append(f"language model share of a full instruction-tuning step's FLOPs: {result['lm_share_of_flops']:.1%}")
     return "\n".join(lines)

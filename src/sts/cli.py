@@ -9,8 +9,9 @@ import sys
 def cmd_data(args) -> None:
     from sts.data.synth import generate
 
-    paths = generate(args.out, args.train, args.test, args.seed)
-    print(f"wrote {paths['train']} ({args.train} records), {paths['test']} ({args.test} records)")
+    paths = generate(args.out, args.train, args.test, args.seed, questions=args.questions, align=args.align)
+    print("wrote " + ", ".join(f"{path} ({count} records)" for path, count in
+                               zip(paths.values(), [args.align, args.train, args.test][-len(paths):])))
 
 
 def cmd_train(args) -> None:
@@ -69,8 +70,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     demo = commands.add_parser("demo", help="synthetic data -> train the tiny LLaVA -> evaluate, in minutes on a CPU")
     demo.add_argument("--out", default="runs/demo", help="folder for data, models, figures and results.json")
-    demo.add_argument("--train", type=int, default=4000, help="training images (one conversation each)")
-    demo.add_argument("--test", type=int, default=300, help="test images (five questions each)")
+    demo.add_argument("--train", type=int, default=4000,
+                      help="training images: as many captions for alignment and conversations for instruction tuning")
+    demo.add_argument("--test", type=int, default=750, help="test images (two questions each)")
     demo.add_argument("--seed", type=int, default=0, help="seed of the synthetic data")
     demo.add_argument("--seeds", default="0", help="training seeds, comma-separated (e.g. 0,1,2): every recipe "
                                                    "is trained with each; the table shows means with min-max")
@@ -84,8 +86,10 @@ def build_parser() -> argparse.ArgumentParser:
     data = commands.add_parser("data", help="datasets").add_subparsers(dest="data_command", required=True)
     synth = data.add_parser("synth", help="write a Sort-of-CLEVR-style VQA set in the LLaVA format")
     synth.add_argument("--out", required=True)
-    synth.add_argument("--train", type=int, default=4000)
-    synth.add_argument("--test", type=int, default=300)
+    synth.add_argument("--train", type=int, default=4000, help="conversations (train.json)")
+    synth.add_argument("--test", type=int, default=750, help="test conversations (test.json)")
+    synth.add_argument("--questions", type=int, default=2, help="questions per conversation, of distinct types")
+    synth.add_argument("--align", type=int, default=4000, help="caption records for alignment (align.json); 0: none")
     synth.add_argument("--seed", type=int, default=0)
     synth.set_defaults(run=cmd_data)
 
@@ -108,7 +112,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--steps", type=int, default=10, help="timed steps per setting")
     bench.add_argument("--warmup", type=int, default=2)
     bench.add_argument("--batch", type=int, default=8)
-    bench.add_argument("--layers", type=int, help="decoder layers (the 7B preset runs 8 by default to fit one GPU)")
+    bench.add_argument("--layers", type=int, help="decoder layers (default: the preset's own, 32 for the 7B)")
     bench.add_argument("--settings", help="comma-separated subset of the settings")
     bench.add_argument("--out", default="benchmarks/results", help="folder for the JSON record")
     bench.set_defaults(run=cmd_bench)

@@ -49,6 +49,10 @@ class VTCConfig(Strict):
 
     strategy: Literal["uniform", "random", "text_guided", "distinct", "pool"] = "uniform"
     keep_ratio: float = Field(default=0.25, gt=0, le=1)
+    keep_ratio_schedule: list[tuple[float, float]] = Field(
+        default=[], description="[[progress, keep_ratio], ...]: from each point of the stage's progress (0-1, "
+        "ascending) on, keep that ratio instead; before the first point, `keep_ratio` (coarse to fine: "
+        "keep_ratio 0.0625 with [[0.5, 0.25]] trains the first half on a sixteenth of the tokens)")
     reindex_positions: bool = Field(default=False, description="False: kept tokens keep their original position ids")
     stages: list[str] = Field(default=["align"], description="recipe stages it is active in")
     full_tokens_final_fraction: float = Field(default=0.0, ge=0, lt=1,
@@ -61,6 +65,28 @@ class VTCConfig(Strict):
         "tokens; sends a 4D float mask, so it needs eager or SDPA attention, not FlashAttention")
 
 
+    @field_validator("keep_ratio_schedule")
+    @classmethod
+    def ascending_points(cls, points: list[tuple[float, float]]) -> list[tuple[float, float]]:
+        starts = [start for start, _ in points]
+        if starts != sorted(starts) or not all(0 <= s < 1 for s in starts) or not all(0 < r <= 1 for _, r in points):
+            raise ValueError("needs [progress, keep_ratio] points with ascending progress in [0, 1) and ratios in (0, 1]")
+        return points
+
+    def keep_ratio_at(self, progress: float) -> float:
+        ratio = self.keep_ratio
+        for start, scheduled in self.keep_ratio_schedule:
+            if progress >= start:
+                ratio = scheduled
+        return ratio
+
+    def phases(self) -> list[tuple[float, float]]:
+        """(share of the stage's steps, keep ratio) of each phase of the schedule."""
+        bounds = [0.0, *(start for start, _ in self.keep_ratio_schedule), 1.0]
+        ratios = [self.keep_ratio, *(ratio for _, ratio in self.keep_ratio_schedule)]
+        return [(end - start, ratio) for start, end, ratio in zip(bounds, bounds[1:], ratios) if end > start]
+
+
 class LDSConfig(Strict):
     """Layer Dynamic Skipper: skip decoder layer l with probability p_l(e) in training."""
 
@@ -71,8 +97,19 @@ class LDSConfig(Strict):
     stages: list[str] = Field(default=["instruct"], description="recipe stages it is active in")
 
 
+class DataConfig(Strict):
+    model_config = ConfigDict(extra="forbid", frozen=True)  # hashable: stages reading the same data share it
+
+    train: str
+    images: str | None = Field(default=None, description="image folder; defaults to the JSON file's folder")
+    template: Literal["chat", "plain"] = Field(
+        default="chat", description="chat: the processor's chat template; plain: LLaVA-1.5's alignment format, "
+        "the images then the first answer, no instruction")
+
+
 class StageConfig(Strict):
     name: str
+    data: DataConfig | None = Field(default=None, description="this stage's own data; wins over the recipe's")
     train: PartsConfig = PartsConfig()
     learning_rate: float = Field(gt=0)
     epochs: float = Field(default=1.0, gt=0)
@@ -110,11 +147,6 @@ class ModelConfig(Strict):
     base: bool = Field(default=True, description="tiny model: start from the shipped pre-trained tower and LM")
 
 
-class DataConfig(Strict):
-    train: str
-    images: str | None = Field(default=None, description="image folder; defaults to the JSON file's folder")
-
-
 class RecipeConfig(Strict):
     model: ModelConfig = ModelConfig()
     data: DataConfig
@@ -138,6 +170,9 @@ class RecipeConfig(Strict):
         vtc = stage.vtc or (self.vtc if self.vtc and stage.name in self.vtc.stages else None)
         lds = stage.lds or (self.lds if self.lds and stage.name in self.lds.stages else None)
         return STSConfig(vtc=vtc, lds=lds, seed=self.seed)
+
+    def data_for(self, stage: StageConfig) -> DataConfig:
+        return stage.data or self.data
 
 
 def apply_override(tree: dict, assignment: str) -> None:

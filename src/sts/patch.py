@@ -200,6 +200,7 @@ def cut_sequence(state: STSState, inputs: dict, labels: torch.Tensor | None, fea
     """Keep `keep_ratio` of every image's tokens (per unit, see `Adapter.units`); cut the
     embeddings, mask, positions (1-D or 3-D) and every input that travels with the tokens alike."""
     vtc, adapter = state.cfg.vtc, state.adapter
+    keep_ratio = vtc.keep_ratio_at(state.progress)
     input_ids = inputs["input_ids"]
     embeds = lm_inputs["inputs_embeds"]
     batch, length = input_ids.shape
@@ -227,7 +228,7 @@ def cut_sequence(state: STSState, inputs: dict, labels: torch.Tensor | None, fea
             candidates = positions if unit.candidates is None else positions[unit.candidates.to(device)]
             contexts[row].generator = torch.Generator().manual_seed(
                 seed_of(state.cfg.seed, state.step, state.micro_batch, unit_index))
-            groups = compress(vtc.strategy, embeds[row, candidates], unit.grid, vtc.keep_ratio, contexts[row]).to(device)
+            groups = compress(vtc.strategy, embeds[row, candidates], unit.grid, keep_ratio, contexts[row]).to(device)
             live = groups >= 0
             firsts = torch.full((int(groups.max()) + 1,), length, device=device).scatter_reduce(
                 0, groups[live], candidates[live], "amin")

@@ -7,9 +7,11 @@ tiny stand-ins, reproducibly, from the synthetic generator:
    cell (colour and shape, or empty) and where it is (row, column), so its features carry
    what a projector needs, as CLIP's do.
 2. **Language model** - trained on *symbolic* scenes: where the image tokens will later be,
-   it reads one learned embedding per patch (cell content + patch position) and answers
-   the questions. It learns to count, compare and name from a scene description, as an LLM
-   learns from text; it has never seen a visual feature. The scene embeddings are thrown away.
+   it reads one learned embedding per patch (cell content + patch position), answers the
+   questions (chat format) and describes the scene (LLaVA's plain caption format, every
+   other batch). It learns to count, compare, name and describe from a scene description,
+   as an LLM learns from text; it has never seen a visual feature. The scene embeddings are
+   thrown away.
 
 Only these two parts are saved (`sts/assets/tiny-base.safetensors`); the projector of every
 model built from them starts random, so the demo must still teach the model to see.
@@ -78,11 +80,17 @@ class SceneBatches:
                                  drop_last=True, generator=torch.Generator().manual_seed(seed))
 
     def __iter__(self):
-        while True:
+        while True:  # forever
             for indices in self.loader:
                 batch = self.collate([self.dataset[i] for i in indices.tolist()])
                 batch["scenes"] = [self.dataset.records[i]["scene"] for i in indices.tolist()]
                 yield batch
+
+
+def alternate(*streams):
+    """One batch of each stream in turn, forever."""
+    for batches in zip(*streams):
+        yield from batches
 
 
 def train_loop(name: str, params, loss_fn, batches, steps: int, lr: float, log_every: int = 100,
@@ -197,9 +205,10 @@ def pretrain_base(out: str | Path = "runs/pretrain-base", records: int = 12000, 
     started = time.time()
     cfg = TinyModelConfig()
     # Three questions of each type per scene: more answers per (costly) scene, faster learning.
-    paths = generate(out / "data", train=records, test=HELD_OUT_SCENES, seed=seed, questions_per_type=3)
+    paths = generate(out / "data", train=records, test=HELD_OUT_SCENES, seed=seed, questions=15, align=records)
     processor = build_processor(cfg)
     dataset = LlavaDataset(paths["train"], processor)
+    captions = LlavaDataset(paths["align"], processor, template="plain")
     held_out = next(iter(SceneBatches(LlavaDataset(paths["test"], processor), HELD_OUT_SCENES, seed)))
     model = build_model(cfg, seed=seed, base=resume).train()
     empty = nn.Parameter(load_extra(weights, EMPTY_KEY) if resume else torch.randn(cfg.text_hidden) * 0.02)
@@ -211,8 +220,8 @@ def pretrain_base(out: str | Path = "runs/pretrain-base", records: int = 12000, 
         save_base_weights(model, cfg, weights, extra={EMPTY_KEY: empty})
 
     scorer = SymbolicAnswers(model, cfg, processor.tokenizer, empty)
-    language_accuracy = pretrain_language(scorer, SceneBatches(dataset, batch_size, seed + resume),
-                                          language_steps, 1e-3, checkpoint)
+    batches = alternate(SceneBatches(dataset, batch_size, seed + resume), SceneBatches(captions, batch_size, seed))
+    language_accuracy = pretrain_language(scorer, batches, language_steps, 1e-3, checkpoint)
     checkpoint()
     summary = {
         "vision_patch_accuracy": vision_accuracy,

@@ -180,14 +180,17 @@ def run_recipe(cfg: RecipeConfig) -> dict:
     set_seed(cfg.seed)
     output_dir = Path(cfg.output_dir)
     model, processor = initial_model(cfg)
-    dataset = LlavaDataset(cfg.data.train, processor, cfg.data.images)
-    dataset.encode_all()
+    datasets = {}  # stages that read the same data share one encoding of it
+    for data in map(cfg.data_for, cfg.stages):
+        if data not in datasets:
+            datasets[data] = LlavaDataset(data.train, processor, data.images, data.template)
+            datasets[data].encode_all()
     stages = []
     for index, stage in enumerate(cfg.stages):
         if index > 0:
             model, processor = load_model_and_processor(stages[-1]["model_dir"])
-        stages.append(run_stage(stage, model, processor, dataset, output_dir / stage.name, cfg.seed,
-                                cfg.sts_for(stage)))
+        stages.append(run_stage(stage, model, processor, datasets[cfg.data_for(stage)], output_dir / stage.name,
+                                cfg.seed, cfg.sts_for(stage)))
     return {
         "model_dir": stages[-1]["model_dir"],
         "train_seconds": sum(s["seconds"] for s in stages),

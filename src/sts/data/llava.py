@@ -5,11 +5,17 @@ list of paths or absent (text only), and `<image>` placeholders in human turns s
 goes. The text comes from the processor's own chat template and the image
 tokens are expanded by the processor itself, so the same code serves the tiny model and a
 real checkpoint. Labels cover only the assistant's answers (and their end-of-turn token).
+
+Two formats, as LLaVA-1.5 trains: `chat` (the processor's chat template; instruction tuning)
+and `plain` (alignment on captions: the images, then the first answer and the end-of-sequence
+token, no template and no instruction, so almost every token the language model reads is
+visual).
 """
 
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import torch
@@ -69,16 +75,44 @@ def answer_spans(processor, messages: list[dict]) -> tuple[str, list[tuple[int, 
     return processor.apply_chat_template(messages), spans
 
 
+def plain_spans(processor, record: dict, images: int) -> tuple[str, list[tuple[int, int]]]:
+    """LLaVA's `plain` text of a record: its images' markup, then its first answer and the
+    end-of-sequence token, which is the one span trained on."""
+    answers = [turn["value"].strip() for turn in record["conversations"] if turn["from"] == "gpt"]
+    if not answers:
+        raise ValueError(f"record {record.get('id', '?')} has no 'gpt' turn, which the plain format trains on")
+    eos = processor.tokenizer.eos_token
+    prefix = image_markup(processor) * images
+    return prefix + answers[0] + eos, [(len(prefix), len(prefix) + len(answers[0]) + len(eos))]
+
+
+def image_markup(processor) -> str:
+    """What the processor's chat template writes for one image (`<image>\n` for LLaVA,
+    `<|vision_start|><|image_pad|><|vision_end|>` for Qwen-VL, whose positions need the
+    delimiters): the difference between a user turn with the image and one without."""
+    def render(content: list[dict]) -> str:
+        return processor.apply_chat_template([{"role": "user", "content": content + [{"type": "text", "text": "x"}]}])
+
+    with_image, without = render([{"type": "image"}]), render([])
+    start = len(os.path.commonprefix([with_image, without]))
+    end = len(os.path.commonprefix([with_image[start:][::-1], without[start:][::-1]]))
+    return with_image[start:len(with_image) - end]
+
+
 def open_image(images_dir: Path, relative: str) -> Image.Image:
     with Image.open(images_dir / relative) as image:
         return image.convert("RGB")
 
 
-def encode(processor, record: dict, images_dir: Path) -> dict[str, torch.Tensor]:
+def encode(processor, record: dict, images_dir: Path, template: str = "chat") -> dict[str, torch.Tensor]:
     """Token ids, labels, image inputs and any other per-token inputs (e.g. `mm_token_type_ids`)
-    of one record; per-token inputs are 1-D, image inputs as the processor returns them."""
+    of one record in `template` (chat or plain); per-token inputs are 1-D, image inputs as the
+    processor returns them."""
     paths = image_paths(record)
-    text, spans = answer_spans(processor, to_messages(record["conversations"], len(paths)))
+    if template == "plain":
+        text, spans = plain_spans(processor, record, len(paths))
+    else:
+        text, spans = answer_spans(processor, to_messages(record["conversations"], len(paths)))
     images = [open_image(images_dir, path) for path in paths]
     inputs = dict(processor(text=text, images=images or None, return_tensors="pt"))
     input_ids = inputs.pop("input_ids")[0]
@@ -103,10 +137,11 @@ def encode(processor, record: dict, images_dir: Path) -> dict[str, torch.Tensor]
 class LlavaDataset(Dataset):
     """Records of a LLaVA JSON file, encoded by `processor` on first use and then cached."""
 
-    def __init__(self, path: str | Path, processor, images: str | Path | None = None):
+    def __init__(self, path: str | Path, processor, images: str | Path | None = None, template: str = "chat"):
         self.records = load_records(path)
         self.images_dir = Path(images) if images else Path(path).parent
         self.processor = processor
+        self.template = template
         self.cache: dict[int, dict] = {}
 
     def __len__(self) -> int:
@@ -114,7 +149,7 @@ class LlavaDataset(Dataset):
 
     def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
         if index not in self.cache:
-            self.cache[index] = encode(self.processor, self.records[index], self.images_dir)
+            self.cache[index] = encode(self.processor, self.records[index], self.images_dir, self.template)
         return self.cache[index]
 
     def encode_all(self) -> None:

@@ -1,9 +1,11 @@
 """Sort-of-CLEVR-style synthetic VQA in the LLaVA format, drawn with Pillow.
 
 Each image holds a few shapes of distinct colours, each filling one cell of a
-4x4 grid. A training record is a multi-turn conversation with one question of
-every type about its image (LLaVA's own instruction data is multi-turn).
-Everything is a pure function of the seed.
+4x4 grid. The data is shaped like LLaVA-1.5's, so that what STS saves here is what it
+saves there: alignment reads a short caption per image (LCS-558K: ~93% of the language
+model's tokens are visual; here 86%), instruction tuning a multi-turn conversation of
+two questions (LLaVA-665K: ~70% visual; here 71%). The test set asks every question type
+equally often. Everything is a pure function of the seed.
 """
 
 from __future__ import annotations
@@ -15,6 +17,8 @@ from pathlib import Path
 
 from PIL import Image, ImageDraw
 from tqdm import tqdm
+
+from sts.config import ConfigError
 
 COLOURS = {
     "red": (220, 40, 40),
@@ -108,31 +112,55 @@ def side_of(col: int) -> str:
     return "left" if col < GRID // 2 else "right"
 
 
-def make_record(index: int, split: str, rng: random.Random, questions_per_type: int = 1) -> tuple[dict, Image.Image]:
-    objects = random_scene(rng)
-    kinds = list(QUESTION_TYPES) * questions_per_type
+def caption(objects: list[SceneObject]) -> str:
+    """What alignment learns to say: every object, colour then shape, in reading order."""
+    ordered = sorted(objects, key=lambda o: (o.row, o.col))
+    return " ".join(f"{o.colour} {o.shape}" for o in ordered)
+
+
+def question_kinds(index: int, questions: int, rng: random.Random) -> list[str]:
+    """`questions` distinct types for record `index`, cycling so that every type is asked
+    equally often over the split (each type once per len(QUESTION_TYPES) records, if one each)."""
+    if questions >= len(QUESTION_TYPES):
+        kinds = list(QUESTION_TYPES) * (questions // len(QUESTION_TYPES))
+        kinds += rng.sample(QUESTION_TYPES, questions % len(QUESTION_TYPES))
+    else:
+        start = index * questions
+        kinds = [QUESTION_TYPES[(start + k) % len(QUESTION_TYPES)] for k in range(questions)]
     rng.shuffle(kinds)
+    return kinds
+
+
+def make_record(index: int, split: str, rng: random.Random, questions: int) -> tuple[dict, Image.Image]:
+    """One image and its record: a caption (`questions` 0) or a conversation of `questions` turns."""
+    objects = random_scene(rng)
+    if questions == 0:
+        conversations = [{"from": "human", "value": "<image>"}, {"from": "gpt", "value": caption(objects)}]
+        return image_record(index, split, objects, conversations), draw_scene(objects)
     conversations = []
-    for turn, kind in enumerate(kinds):
+    for turn, kind in enumerate(question_kinds(index, questions, rng)):
         question, answer = ask(kind, objects, rng)
         prompt = f"<image>\n{question}" if turn == 0 else question
         conversations.append({"from": "human", "value": prompt, "type": kind})
         conversations.append({"from": "gpt", "value": answer})
-    record = {
+    return image_record(index, split, objects, conversations), draw_scene(objects)
+
+
+def image_record(index: int, split: str, objects: list[SceneObject], conversations: list[dict]) -> dict:
+    return {
         "id": f"{split}-{index:06d}",
         "image": f"images/{split}-{index:06d}.png",
         "conversations": conversations,
         "scene": [asdict(o) for o in objects],
     }
-    return record, draw_scene(objects)
 
 
-def write_split(out: Path, split: str, count: int, seed: int, questions_per_type: int) -> Path:
+def write_split(out: Path, split: str, count: int, seed: int, questions: int) -> Path:
     rng = random.Random(f"{seed}-{split}")
     (out / "images").mkdir(parents=True, exist_ok=True)
     records = []
     for index in tqdm(range(count), desc=f"synth {split}", leave=False):
-        record, image = make_record(index, split, rng, questions_per_type)
+        record, image = make_record(index, split, rng, questions)
         image.save(out / record["image"])
         records.append(record)
     path = out / f"{split}.json"
@@ -140,15 +168,19 @@ def write_split(out: Path, split: str, count: int, seed: int, questions_per_type
     return path
 
 
-def generate(out: str | Path, train: int, test: int, seed: int = 0, questions_per_type: int = 1) -> dict[str, Path]:
-    """Write DIR/train.json, DIR/test.json and DIR/images/; each conversation asks
-    `questions_per_type` questions of every type."""
-    if train < 1 or test < 1:
-        raise ValueError(f"--train and --test must be positive, got {train} and {test}")
+def generate(out: str | Path, train: int, test: int, seed: int = 0, questions: int = 2,
+             align: int = 0) -> dict[str, Path]:
+    """Write DIR/train.json and DIR/test.json (conversations of `questions` turns, each of a
+    distinct type while there are types left), DIR/align.json if `align` (caption records) and
+    DIR/images/."""
+    if train < 1 or test < 1 or questions < 1 or align < 0:
+        raise ConfigError(f"--train, --test and --questions must be positive and --align not negative, "
+                         f"got {train}, {test}, {questions} and {align}")
     out = Path(out)
-    return {
-        "train": write_split(out, "train", train, seed, questions_per_type),
-        "test": write_split(out, "test", test, seed, questions_per_type),
+    paths = {"align": write_split(out, "align", align, seed, questions=0)} if align else {}
+    return paths | {
+        "train": write_split(out, "train", train, seed, questions),
+        "test": write_split(out, "test", test, seed, questions),
     }
 
 
