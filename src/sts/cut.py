@@ -37,6 +37,9 @@ class Cut:
             sizes[b] = torch.bincount(target[b, live], minlength=length).float()
         return cls(target, first, sizes)
 
+    def to(self, device) -> "Cut":
+        return Cut(self.target.to(device), self.first.to(device), self.sizes.to(device))
+
     @property
     def length(self) -> int:
         return self.first.shape[1]

@@ -22,7 +22,7 @@ from sts.config import STSConfig
 from sts.cut import Cut
 from sts.data.llava import IGNORE_INDEX
 from sts.lds import draw_skips, seed_of, seeded_coin
-from sts.vtc import Context, compress
+from sts.vtc import FEATURE_STRATEGIES, TEXT_STRATEGIES, Context, compress
 
 STATE = "_sts_state"
 FULL_TOKENS_DRAW = -1  # the seed part that gives the per-step full-token coin a stream of its own
@@ -201,23 +201,21 @@ def cut_sequence(state: STSState, inputs: dict, labels: torch.Tensor | None, fea
     embeddings, mask, positions (1-D or 3-D) and every input that travels with the tokens alike."""
     vtc, adapter = state.cfg.vtc, state.adapter
     keep_ratio = vtc.keep_ratio_at(state.progress)
-    input_ids = inputs["input_ids"]
     embeds = lm_inputs["inputs_embeds"]
-    batch, length = input_ids.shape
-    device = input_ids.device
+    device = embeds.device
     attention_mask = lm_inputs.get("attention_mask")
     if attention_mask is None:
-        attention_mask = torch.ones_like(input_ids)
+        attention_mask = torch.ones_like(inputs["input_ids"])
     if attention_mask.dim() != 2:
         raise ValueError("sts: the visual token compressor needs a 2-D (padding) attention mask")
-    visual = torch.isin(input_ids, state.visual_token_ids(device))
-    instruction = attention_mask.bool() & ~visual & ~adapter.special_token_mask(input_ids)
-    if labels is not None:
-        instruction &= labels == IGNORE_INDEX
-    contexts = [Context(instruction=embeds[b][instruction[b]] if instruction[b].any() else None, generator=None)
-                for b in range(batch)]
+    # The cut is planned on the host: it is hundreds of tiny index operations, each of which
+    # would wait for the device there; only strategies that read the features touch it.
+    input_ids, padding = inputs["input_ids"].cpu(), attention_mask.bool().cpu()
+    batch, length = input_ids.shape
+    instructions = instruction_embeddings(state, input_ids, padding, labels, embeds) \
+        if vtc.strategy in TEXT_STRATEGIES else [None] * batch
 
-    owners = torch.where(attention_mask.bool(), torch.arange(length, device=device), -1).expand(batch, -1).clone()
+    owners = torch.where(padding, torch.arange(length), -1)
     unit_index, kept_visual = 0, 0
     for modality in adapter.modalities():
         slots = (input_ids == modality.token_id).nonzero()  # [(row, position)], row-major
@@ -225,13 +223,14 @@ def cut_sequence(state: STSState, inputs: dict, labels: torch.Tensor | None, fea
         for unit in adapter.units(modality.name, features.get(modality.name, []), inputs):
             row, positions = int(slots[offset, 0]), slots[offset : offset + unit.size, 1]
             offset += unit.size
-            candidates = positions if unit.candidates is None else positions[unit.candidates.to(device)]
-            contexts[row].generator = torch.Generator().manual_seed(
-                seed_of(state.cfg.seed, state.step, state.micro_batch, unit_index))
-            groups = compress(vtc.strategy, embeds[row, candidates], unit.grid, keep_ratio, contexts[row]).to(device)
+            candidates = positions if unit.candidates is None else positions[unit.candidates.cpu()]
+            generator = torch.Generator().manual_seed(seed_of(state.cfg.seed, state.step, state.micro_batch, unit_index))
+            unit_features = embeds[row, candidates.to(device)] if vtc.strategy in FEATURE_STRATEGIES \
+                else torch.empty(len(candidates), 0)  # the others look only at the grid
+            groups = compress(vtc.strategy, unit_features, unit.grid, keep_ratio,
+                              Context(instructions[row], generator)).cpu()
             live = groups >= 0
-            firsts = torch.full((int(groups.max()) + 1,), length, device=device).scatter_reduce(
-                0, groups[live], candidates[live], "amin")
+            firsts = torch.full((int(groups.max()) + 1,), length).scatter_reduce(0, groups[live], candidates[live], "amin")
             owners[row, candidates] = torch.where(live, firsts[groups.clamp(min=0)], -1)
             kept_visual += len(positions) - len(candidates) + len(firsts)
             unit_index += 1
@@ -239,7 +238,7 @@ def cut_sequence(state: STSState, inputs: dict, labels: torch.Tensor | None, fea
             raise ValueError(f"sts: the {modality.name} units cover {offset} of the batch's {len(slots)} "
                              f"{modality.name} tokens; the adapter's units() does not fit this model's inputs")
 
-    cut = Cut.from_owners(owners)
+    cut = Cut.from_owners(owners).to(device)
     positions = lm_inputs.get("position_ids")
     if positions is None:
         positions = torch.arange(length, device=device).expand(batch, -1)
@@ -262,6 +261,17 @@ def cut_sequence(state: STSState, inputs: dict, labels: torch.Tensor | None, fea
             out[name] = cut.pick(lm_inputs[name])
     state.stats.update(visual_tokens_kept=kept_visual, lm_seq_len=cut.length)
     return cut, out
+
+
+def instruction_embeddings(state: STSState, input_ids: torch.Tensor, padding: torch.Tensor,
+                           labels: torch.Tensor | None, embeds: torch.Tensor) -> list[torch.Tensor | None]:
+    """Per row, the embeddings of the user's text (not visual, special or answer tokens), or None."""
+    visual = torch.isin(input_ids, state.visual_token_ids(input_ids.device))
+    instruction = padding & ~visual & ~state.adapter.special_token_mask(input_ids)
+    if labels is not None:
+        instruction &= labels.cpu() == IGNORE_INDEX
+    return [embeds[b][instruction[b].to(embeds.device)] if instruction[b].any() else None
+            for b in range(len(input_ids))]
 
 
 def with_loss(model, output, labels: torch.Tensor, inputs: dict):

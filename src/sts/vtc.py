@@ -90,6 +90,8 @@ def pool(features, grid, keep, context):
 
 STRATEGIES = {"uniform": uniform, "random": random, "text_guided": text_guided, "distinct": distinct,
               "pool": pool}
+FEATURE_STRATEGIES = {"text_guided", "distinct"}  # read the features; the others only their count and grid
+TEXT_STRATEGIES = {"text_guided"}  # read the instruction
 
 
 def kept_count(total: int, keep_ratio: float) -> int:
