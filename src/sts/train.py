@@ -22,11 +22,12 @@ from transformers import (
 )
 
 from sts.adapters import get_adapter
+from sts.callback import STSCallback
 from sts.config import RecipeConfig, StageConfig, STSConfig
 from sts.data.llava import Collator, LlavaDataset
 from sts.flops import Shapes, train_step_flops
 from sts.models import tiny
-from sts.patch import apply_sts, drain_stats, remove_sts, set_progress, step_stats
+from sts.patch import apply_sts, drain_stats, remove_sts
 
 
 def load_model_and_processor(path: str | Path):
@@ -70,8 +71,8 @@ def training_arguments(stage: StageConfig, output_dir: Path, seed: int) -> Train
 
 
 class StepMeter(TrainerCallback):
-    """Tells the patched model where training stands, and records what each step cost:
-    analytic FLOPs of the tokens and layers really run, and (seconds, step, loss) points."""
+    """Records what each step cost: analytic FLOPs of the tokens and layers really run, and
+    (seconds, step, loss) points."""
 
     def __init__(self, model, trains: dict[str, bool]):
         self.model = model
@@ -80,9 +81,6 @@ class StepMeter(TrainerCallback):
         self.started = time.perf_counter()
         self.flops = 0.0
         self.points: list[tuple[float, int, float]] = []
-
-    def on_step_begin(self, args, state, control, **kwargs):
-        set_progress(self.model, state.global_step, state.max_steps)
 
     def on_step_end(self, args, state, control, **kwargs):
         for forward in drain_stats(self.model):
@@ -127,16 +125,6 @@ class PeakMemory:
         return self.peak / 2**30
 
 
-class STSTrainer(Trainer):
-    """A Trainer that adds what STS did in the last step to every log line."""
-
-    def log(self, logs, *args, **kwargs):
-        if "loss" in logs:
-            for key, value in step_stats(self.model).items():
-                logs[f"sts/{key}"] = len(value) if isinstance(value, list) else value
-        super().log(logs, *args, **kwargs)
-
-
 def run_stage(stage: StageConfig, model, processor, dataset, output_dir: Path, seed: int,
               sts: STSConfig | None = None) -> dict:
     """Train one stage; STS is always attached (an empty config enables nothing) so that every
@@ -145,12 +133,12 @@ def run_stage(stage: StageConfig, model, processor, dataset, output_dir: Path, s
     get_adapter(model).set_trainable(parts)
     apply_sts(model, sts or STSConfig())
     meter = StepMeter(model, {k: v == "full" for k, v in parts.items()})
-    trainer = STSTrainer(
+    trainer = Trainer(
         model=model,
         args=training_arguments(stage, output_dir, seed),
         train_dataset=dataset,
         data_collator=Collator(processor.tokenizer.pad_token_id),
-        callbacks=[meter],
+        callbacks=[STSCallback(), meter],
     )
     with PeakMemory() as memory:
         started = time.perf_counter()

@@ -1,0 +1,29 @@
+"""`STSCallback`: STS in any `transformers.Trainer` (and Trainers built on it, such as TRL's),
+with one line beside `apply_sts`.
+
+It moves STS's schedule with the Trainer's optimizer steps, so the skipper fades and the
+compressor's schedules advance as the run does; a resumed run restores its global step, and
+with it the schedule. Gradient accumulation needs nothing: micro-batches of one optimizer step
+share its progress and draw their own skips. What STS did in the last step goes into every
+training log line (`sts/...`), in the Trainer's log history and to every callback after this one.
+"""
+
+from __future__ import annotations
+
+from transformers import TrainerCallback
+
+from sts.patch import set_progress, step_stats
+
+
+class STSCallback(TrainerCallback):
+    def on_step_begin(self, args, state, control, model=None, **kwargs):
+        set_progress(model, state.global_step, state.max_steps)
+
+    def on_log(self, args, state, control, logs=None, model=None, **kwargs):
+        if not logs or "loss" not in logs:
+            return
+        stats = {f"sts/{key}": len(value) if isinstance(value, list) else value
+                 for key, value in step_stats(model).items()}
+        logs.update(stats)
+        if state.log_history and state.log_history[-1].get("loss") == logs["loss"]:
+            state.log_history[-1].update(stats)  # the Trainer stored this line before calling back

@@ -1,0 +1,39 @@
+"""STS in a user's own `transformers.Trainer`: `apply_sts` plus `callbacks=[STSCallback()]`."""
+
+from transformers import Trainer, TrainerControl, TrainerState, TrainingArguments
+
+import sts
+from sts.data.llava import Collator, LlavaDataset
+from sts.models.tiny import build_model
+from sts.patch import drain_stats, state_of
+from tests.conftest import TEST_SIZES
+
+
+def test_a_plain_trainer_with_the_callback_runs_the_schedule(synth_data, processor, tmp_path):
+    model = build_model(TEST_SIZES, seed=0, base=False)
+    sts.apply_sts(model, {"vtc": {"strategy": "pool", "keep_ratio": 0.25},
+                          "lds": {"alpha": 1.0, "epsilon": 0.0, "protect_first": 0, "protect_last": 0}})
+    args = TrainingArguments(output_dir=str(tmp_path), per_device_train_batch_size=4, gradient_accumulation_steps=2,
+                             max_steps=8, logging_steps=1, learning_rate=1e-4, report_to="none",
+                             save_strategy="no", remove_unused_columns=False, use_cpu=True)
+    trainer = Trainer(model=model, args=args, train_dataset=LlavaDataset(synth_data["train"], processor),
+                      data_collator=Collator(processor.tokenizer.pad_token_id), callbacks=[sts.STSCallback()])
+    trainer.train()
+
+    forwards = drain_stats(model)
+    assert len(forwards) == 8 * 2, "one record per micro-batch"
+    assert all(f["lm_seq_len"] < f["input_seq_len"] for f in forwards), "the compressor cut every forward"
+    skips = [len(f["skipped_layers"]) for f in forwards]
+    assert sum(skips[:8]) > sum(skips[8:]), f"skipping fades as the run progresses: {skips}"
+    pairs = [(a["skipped_layers"], b["skipped_layers"]) for a, b in zip(forwards[::2], forwards[1::2])]
+    assert any(a != b for a, b in pairs), "the micro-batches of a step draw their own skips"
+    logged = [line for line in trainer.state.log_history if "loss" in line]
+    assert len(logged) == 8 and all(line["sts/lm_seq_len"] < line["sts/input_seq_len"] for line in logged)
+
+
+def test_a_resumed_run_resumes_the_schedule():
+    model = build_model(TEST_SIZES, seed=0, base=False)
+    sts.apply_sts(model, {"lds": {}})
+    state = TrainerState(global_step=600, max_steps=800)  # as restored from a checkpoint
+    sts.STSCallback().on_step_begin(None, state, TrainerControl(), model=model)
+    assert state_of(model).progress == 0.75
