@@ -77,3 +77,74 @@ def test_record_without_image(processor):
     sample = encode(processor, record, Path("."))
     assert "pixel_values" not in sample
     assert processor.tokenizer.convert_ids_to_tokens(sample["labels"][sample["labels"] != IGNORE_INDEX].tolist()) == ["2", "</s>"]
+
+
+def test_records_are_found_lazily_whatever_their_strings_hold(tmp_path):
+    from sts.data.llava import Records
+
+    records = [{"id": "a{", "conversations": [{"from": "human", "value": 'say "}" and \\\\ then {'},
+                                              {"from": "gpt", "value": '\\"{}\\" ünï \\'}]},
+               {"id": "b", "image": ["x.png", "y.png"], "conversations": [], "nested": {"k": [{"v": "}"}]}}]
+    path = tmp_path / "tricky.json"
+    path.write_text(json.dumps(records, indent=1, ensure_ascii=False))
+    lazy = Records(path)
+    assert [lazy[i] for i in range(len(lazy))] == records
+
+
+def test_a_broken_record_is_named_by_file_and_index(tmp_path):
+    import pytest
+
+    from sts.data.llava import Records
+
+    path = tmp_path / "bad.json"
+    path.write_text('[{"id": "ok", "conversations": []}, {"id": "no-turns"}]')
+    with pytest.raises(ValueError, match=r"bad.json, record 1 \(no-turns\): no 'conversations' list"):
+        Records(path)[1]
+    (tmp_path / "open.json").write_text('[{"id": "x", "conversations": [')
+    with pytest.raises(ValueError, match="open.json is not a JSON list"):
+        Records(tmp_path / "open.json")
+
+
+def test_indexing_memory_does_not_grow_with_the_file(tmp_path, monkeypatch):
+    """Two offsets a record: 40,000 records (~9 MB of JSON) index in well under a megabyte when
+    the file is read in small chunks (a chunk is the most of the file ever held)."""
+    import tracemalloc
+
+    import sts.data.llava as llava
+
+    record = {"id": "r", "image": "a.png", "conversations": [{"from": "human", "value": "<image>\nWhat is it?"},
+                                                              {"from": "gpt", "value": "a red circle " * 10}]}
+    path = tmp_path / "big.json"
+    path.write_text(json.dumps([record] * 40_000))
+    monkeypatch.setattr(llava, "CHUNK", 1 << 16)
+    tracemalloc.start()
+    records = llava.Records(path)
+    first, last = records[0], records[len(records) - 1]
+    _, peak = tracemalloc.get_traced_memory()
+    tracemalloc.stop()
+    assert len(records) == 40_000 and first == last == record
+    assert peak < 1.5 * 2**20, f"indexing held {peak / 2**20:.1f} MB for a {path.stat().st_size / 2**20:.0f} MB file"
+
+
+def test_max_length_cuts_text_but_never_an_image(synth_data, processor):
+    full = LlavaDataset(synth_data["train"], processor)[0]
+    patches = (IMAGE_SIZE // processor.patch_size) ** 2
+    image = processor.tokenizer.convert_tokens_to_ids(processor.image_token)
+    last_image = int((full["input_ids"] == image).nonzero()[-1])
+    cut = LlavaDataset(synth_data["train"], processor, max_length=last_image + 4)[0]
+    assert torch.equal(cut["input_ids"], full["input_ids"][: last_image + 4])
+    assert torch.equal(cut["labels"], full["labels"][: last_image + 4])
+    assert torch.equal(cut["pixel_values"], full["pixel_values"])
+    inside = LlavaDataset(synth_data["train"], processor, max_length=5)[0]
+    assert int((inside["input_ids"] == image).sum()) == patches, "a cut inside the image moves after it"
+    assert len(inside["input_ids"]) == last_image + 1
+
+
+def test_samples_are_encoded_in_dataloader_workers_without_a_cache(synth_data, processor):
+    from torch.utils.data import DataLoader
+
+    dataset = LlavaDataset(synth_data["train"], processor)
+    loader = DataLoader(dataset, batch_size=8, num_workers=2, collate_fn=Collator(processor.tokenizer.pad_token_id))
+    batches = list(loader)
+    assert sum(len(b["input_ids"]) for b in batches) == len(dataset) == 48
+    assert dataset.cache is None and dataset.records.file is None, "the workers encoded; the parent holds nothing"

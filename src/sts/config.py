@@ -105,6 +105,10 @@ class DataConfig(Strict):
     template: Literal["chat", "plain"] = Field(
         default="chat", description="chat: the processor's chat template; plain: LLaVA-1.5's alignment format, "
         "the images then the first answer, no instruction")
+    cache: bool = Field(default=False, description="keep every encoded record (pixels included) in memory, "
+                        "encoded before training: for small data (the demo) only")
+    max_length: int | None = Field(default=None, gt=0, description="truncate samples' text to this many tokens; "
+                                   "never inside an image's tokens")
 
 
 class StageConfig(Strict):
@@ -122,6 +126,7 @@ class StageConfig(Strict):
     logging_steps: int = Field(default=10, ge=1)
     gradient_checkpointing: bool = False
     bf16: bool = False
+    dataloader_num_workers: int = Field(default=0, ge=0, description="processes encoding samples while training")
     vtc: VTCConfig | None = Field(default=None, description="this stage's own compressor; wins over the recipe's")
     lds: LDSConfig | None = Field(default=None, description="this stage's own skipper; wins over the recipe's")
 

@@ -207,8 +207,8 @@ def pretrain_base(out: str | Path = "runs/pretrain-base", records: int = 12000, 
     # Three questions of each type per scene: more answers per (costly) scene, faster learning.
     paths = generate(out / "data", train=records, test=HELD_OUT_SCENES, seed=seed, questions=15, align=records)
     processor = build_processor(cfg)
-    dataset = LlavaDataset(paths["train"], processor)
-    captions = LlavaDataset(paths["align"], processor, template="plain")
+    dataset = LlavaDataset(paths["train"], processor, cache=True)
+    captions = LlavaDataset(paths["align"], processor, template="plain", cache=True)
     held_out = next(iter(SceneBatches(LlavaDataset(paths["test"], processor), HELD_OUT_SCENES, seed)))
     model = build_model(cfg, seed=seed, base=resume).train()
     empty = nn.Parameter(load_extra(weights, EMPTY_KEY) if resume else torch.randn(cfg.text_hidden) * 0.02)

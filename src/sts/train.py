@@ -63,7 +63,7 @@ def training_arguments(stage: StageConfig, output_dir: Path, seed: int) -> Train
         save_strategy="no",
         report_to="none",
         remove_unused_columns=False,
-        dataloader_num_workers=0,
+        dataloader_num_workers=stage.dataloader_num_workers,
         dataloader_pin_memory=torch.cuda.is_available(),
         seed=seed,
         data_seed=seed,
@@ -171,8 +171,10 @@ def run_recipe(cfg: RecipeConfig) -> dict:
     datasets = {}  # stages that read the same data share one encoding of it
     for data in map(cfg.data_for, cfg.stages):
         if data not in datasets:
-            datasets[data] = LlavaDataset(data.train, processor, data.images, data.template)
-            datasets[data].encode_all()
+            datasets[data] = LlavaDataset(data.train, processor, data.images, data.template, data.cache,
+                                          data.max_length)
+            if data.cache:
+                datasets[data].encode_all()
     stages = []
     for index, stage in enumerate(cfg.stages):
         if index > 0:

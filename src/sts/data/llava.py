@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import json
 import os
+import re
+from array import array
 from pathlib import Path
 
 import torch
@@ -134,29 +136,114 @@ def encode(processor, record: dict, images_dir: Path, template: str = "chat") ->
     return {"input_ids": input_ids, "labels": labels, **inputs, **per_token}
 
 
-class LlavaDataset(Dataset):
-    """Records of a LLaVA JSON file, encoded by `processor` on first use and then cached."""
+STRUCTURE = re.compile(rb'[{}"\\]')  # the only bytes that decide where a JSON object starts and ends
+CHUNK = 1 << 24  # bytes read at a time while indexing
 
-    def __init__(self, path: str | Path, processor, images: str | Path | None = None, template: str = "chat"):
-        self.records = load_records(path)
+
+class Records:
+    """The records of a LLaVA JSON list, read lazily: one streaming pass finds where each
+    top-level object starts and ends, and a record is parsed when it is asked for, so memory
+    does not grow with the file (two 8-byte offsets a record), in every DataLoader worker."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        if not self.path.exists():
+            raise FileNotFoundError(f"no data file at {self.path}")
+        self.starts, self.ends = array("q"), array("q")
+        depth, in_string, escaped_at, offset = 0, False, -1, 0
+        with open(self.path, "rb") as file:
+            while chunk := file.read(CHUNK):
+                for match in STRUCTURE.finditer(chunk):
+                    at, char = offset + match.start(), match.group()
+                    if in_string:
+                        if at == escaped_at:
+                            continue
+                        if char == b"\\":
+                            escaped_at = at + 1
+                        elif char == b'"':
+                            in_string = False
+                    elif char == b'"':
+                        in_string = True
+                    elif char == b"{":
+                        if depth == 0:
+                            self.starts.append(at)
+                        depth += 1
+                    elif char == b"}":
+                        depth -= 1
+                        if depth == 0:
+                            self.ends.append(at + 1)
+                offset += len(chunk)
+        if depth != 0 or in_string or not self.starts:
+            raise ValueError(f"{self.path} is not a JSON list of LLaVA records (no complete object found, "
+                             "or one is left open)")
+        self.file = None
+
+    def __len__(self) -> int:
+        return len(self.starts)
+
+    def __getitem__(self, index: int) -> dict:
+        if self.file is None:  # opened on first use, so each DataLoader worker has its own handle
+            self.file = open(self.path, "rb")
+        self.file.seek(self.starts[index])
+        try:
+            record = json.loads(self.file.read(self.ends[index] - self.starts[index]))
+        except json.JSONDecodeError as error:
+            raise ValueError(f"{self.path}, record {index}: not valid JSON ({error.msg})") from None
+        if not isinstance(record.get("conversations"), list):
+            raise ValueError(f"{self.path}, record {index} ({record.get('id', 'no id')}): no 'conversations' list")
+        return record
+
+    def __getstate__(self):  # a worker process reopens the file itself
+        return {**self.__dict__, "file": None}
+
+
+class LlavaDataset(Dataset):
+    """Records of a LLaVA JSON file, encoded by `processor` when asked for (in the DataLoader's
+    workers). `cache` keeps every encoded record, pixels included: for small data only (the
+    demo), where encoding would otherwise be paid again every epoch. `max_length` truncates a
+    sample's text after its last image token, never inside an image's tokens."""
+
+    def __init__(self, path: str | Path, processor, images: str | Path | None = None, template: str = "chat",
+                 cache: bool = False, max_length: int | None = None):
+        self.records = Records(path)
         self.images_dir = Path(images) if images else Path(path).parent
         self.processor = processor
         self.template = template
-        self.cache: dict[int, dict] = {}
+        self.max_length = max_length
+        self.cache: dict[int, dict] | None = {} if cache else None
 
     def __len__(self) -> int:
         return len(self.records)
 
     def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
-        if index not in self.cache:
-            self.cache[index] = encode(self.processor, self.records[index], self.images_dir, self.template)
-        return self.cache[index]
+        if self.cache is not None and index in self.cache:
+            return self.cache[index]
+        sample = encode(self.processor, self.records[index], self.images_dir, self.template)
+        if self.max_length is not None:
+            sample = truncate(sample, self.max_length, self.processor)
+        if self.cache is not None:
+            self.cache[index] = sample
+        return sample
 
     def encode_all(self) -> None:
-        """Encode every record now, so that training time measures training, not one epoch of
-        image preprocessing paid by whichever stage happens to come first."""
+        """Encode (and cache) every record now, so that training time measures training, not one
+        epoch of image preprocessing paid by whichever stage happens to come first."""
         for index in tqdm(range(len(self)), desc="encoding", leave=False):
             self[index]
+
+
+def truncate(sample: dict[str, torch.Tensor], max_length: int, processor) -> dict[str, torch.Tensor]:
+    """Cut a sample's per-token tensors at `max_length`, or just after its last image token if
+    that comes later: an image's tokens and its pixel inputs always stay whole."""
+    ids = sample["input_ids"]
+    image_ids = [getattr(processor, name, None) for name in ("image_token", "video_token")]
+    image_ids = [processor.tokenizer.convert_tokens_to_ids(token) for token in image_ids if token]
+    visual = torch.isin(ids, torch.tensor(image_ids)).nonzero()
+    keep = max(max_length, int(visual[-1]) + 1 if len(visual) else 0)
+    if keep >= len(ids):
+        return sample
+    return {key: value[:keep] if value.dim() == 1 and len(value) == len(ids) else value
+            for key, value in sample.items()}
 
 
 class Collator:
