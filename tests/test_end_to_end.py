@@ -100,3 +100,30 @@ def test_demo_compares_the_recipes_over_seeds_and_writes_results(tmp_path):
     assert (tmp_path / "accuracy.png").stat().st_size > 10_000
     expected = sparse["accuracy"] / baseline["accuracy"] if baseline["accuracy"] else None
     assert results["runs"]["sts"]["retention"] == expected
+
+
+def test_a_stage_saves_checkpoints_and_resumes_from_one(synth_data, tmp_path):
+    from sts.config import load_recipe
+    from sts.train import run_recipe
+
+    saving = [*tiny_overrides(synth_data, tmp_path), "stages.1.max_steps=6", "stages.1.save_steps=2",
+              "stages.1.save_total_limit=2", "stages.1.logging_steps=1"]
+    run_recipe(load_recipe("demo", saving))
+    checkpoints = sorted(p.name for p in (tmp_path / "instruct").glob("checkpoint-*"))
+    assert checkpoints == ["checkpoint-4", "checkpoint-6"], "every 2 steps, the newest two kept"
+
+    resume = tmp_path / "instruct" / "checkpoint-4"
+    resumed = run_recipe(load_recipe("demo", [*saving, f"stages.1.resume_from_checkpoint={resume}",
+                                              "stages.1.save_steps=0"]))
+    instruct = resumed["stages"][1]
+    assert [step for _, step, _ in instruct["losses"]] == [5, 6], "steps 1-4 came from the checkpoint"
+    from transformers import AutoModelForImageTextToText
+
+    checkpoint = AutoModelForImageTextToText.from_pretrained(tmp_path / "instruct" / "checkpoint-6").state_dict()
+    final = AutoModelForImageTextToText.from_pretrained(instruct["model_dir"]).state_dict()
+    assert all(torch.allclose(final[key], checkpoint[key]) for key in final), "training went on from step 4's weights"
+
+
+def test_resuming_from_a_missing_checkpoint_is_a_clear_error(synth_data, tmp_path, capsys):
+    assert main(["train", "demo", *tiny_overrides(synth_data, tmp_path), "stages.1.resume_from_checkpoint=latest"]) == 2
+    assert "stages.instruct.resume_from_checkpoint: no Trainer checkpoint" in capsys.readouterr().err

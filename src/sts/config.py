@@ -127,6 +127,11 @@ class StageConfig(Strict):
     gradient_checkpointing: bool = False
     bf16: bool = False
     dataloader_num_workers: int = Field(default=0, ge=0, description="processes encoding samples while training")
+    report_to: list[str] = Field(default=["none"], description="the Trainer's loggers, e.g. [tensorboard] or [wandb]")
+    save_steps: int = Field(default=0, ge=0, description="save a resumable checkpoint every N steps; 0: none")
+    save_total_limit: int | None = Field(default=None, ge=1, description="keep only the newest N checkpoints")
+    resume_from_checkpoint: str | None = Field(
+        default=None, description="a checkpoint folder of this stage (output_dir/<stage>/checkpoint-N), or 'latest'")
     vtc: VTCConfig | None = Field(default=None, description="this stage's own compressor; wins over the recipe's")
     lds: LDSConfig | None = Field(default=None, description="this stage's own skipper; wins over the recipe's")
 

@@ -6,6 +6,8 @@ processor) that the next stage starts from. The last stage's checkpoint is the r
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import os
 import threading
 import time
@@ -60,8 +62,10 @@ def training_arguments(stage: StageConfig, output_dir: Path, seed: int) -> Train
         activation_checkpointing=stage.gradient_checkpointing,
         activation_checkpointing_kwargs={"use_reentrant": False},
         bf16=stage.bf16,
-        save_strategy="no",
-        report_to="none",
+        save_strategy="steps" if stage.save_steps else "no",
+        save_steps=stage.save_steps or 500,
+        save_total_limit=stage.save_total_limit,
+        report_to=stage.report_to,
         remove_unused_columns=False,
         dataloader_num_workers=stage.dataloader_num_workers,
         dataloader_pin_memory=torch.cuda.is_available(),
@@ -91,6 +95,18 @@ class StepMeter(TrainerCallback):
     def on_log(self, args, state, control, logs=None, **kwargs):
         if logs and "loss" in logs:
             self.points.append((time.perf_counter() - self.started, state.global_step, logs["loss"]))
+
+
+@contextlib.contextmanager
+def quiet_reload():
+    """Silence the Trainer's missing/unexpected-key warnings of its checkpoint reload (see run_stage)."""
+    logger = logging.getLogger("transformers.trainer")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
 
 
 class PeakMemory:
@@ -125,10 +141,30 @@ class PeakMemory:
         return self.peak / 2**30
 
 
+def checkpoint_to_resume(stage: StageConfig, output_dir: Path) -> Path | None:
+    """The stage's `resume_from_checkpoint`: a folder, or 'latest' (its newest checkpoint-N)."""
+    if stage.resume_from_checkpoint is None:
+        return None
+    if stage.resume_from_checkpoint != "latest":
+        folder = Path(stage.resume_from_checkpoint)
+    else:
+        saved = sorted(output_dir.glob("checkpoint-*"), key=lambda path: int(path.name.split("-")[1]))
+        folder = saved[-1] if saved else output_dir / "checkpoint-<none>"
+    if not (folder / "trainer_state.json").exists():
+        raise FileNotFoundError(f"stages.{stage.name}.resume_from_checkpoint: no Trainer checkpoint at {folder}")
+    return folder
+
+
 def run_stage(stage: StageConfig, model, processor, dataset, output_dir: Path, seed: int,
               sts: STSConfig | None = None) -> dict:
     """Train one stage; STS is always attached (an empty config enables nothing) so that every
-    stage, baseline included, is metered the same way."""
+    stage, baseline included, is metered the same way. A resumed stage starts from its
+    checkpoint's weights (loaded here: transformers 5.24's Trainer reloads them without the key
+    conversion LLaVA-style checkpoints need, so its own reload finds no key and changes nothing)
+    and the Trainer restores the optimizer, schedule, step and data order."""
+    resume = checkpoint_to_resume(stage, output_dir)
+    if resume is not None:
+        model = AutoModelForImageTextToText.from_pretrained(resume, dtype=torch.float32)
     parts = stage.train.model_dump()
     get_adapter(model).set_trainable(parts)
     apply_sts(model, sts or STSConfig())
@@ -142,7 +178,8 @@ def run_stage(stage: StageConfig, model, processor, dataset, output_dir: Path, s
     )
     with PeakMemory() as memory:
         started = time.perf_counter()
-        result = trainer.train()
+        with quiet_reload() if resume else contextlib.nullcontext():
+            result = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
         seconds = time.perf_counter() - started
     remove_sts(model)
     model_dir = output_dir / "model"

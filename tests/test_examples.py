@@ -1,0 +1,51 @@
+"""Every example in examples/ runs for a few steps on a tiny model and does what it says."""
+
+import importlib
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoModelForImageTextToText
+
+EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
+
+
+@pytest.fixture
+def example(monkeypatch):
+    monkeypatch.syspath_prepend(str(EXAMPLES))
+
+    def load(name):
+        sys.modules.pop(name, None)
+        return importlib.import_module(name)
+
+    return load
+
+
+def test_trainer_example_compresses_and_saves_a_plain_checkpoint(example, tmp_path):
+    history = example("trainer").main(["--steps", "6", "--out", str(tmp_path)])
+    logged = [line for line in history if "loss" in line]
+    assert logged and all(line["sts/lm_seq_len"] < line["sts/input_seq_len"] for line in logged)
+    saved = AutoModelForImageTextToText.from_pretrained(tmp_path / "model")
+    assert not any("sts" in key for key in saved.state_dict())
+
+
+def test_plain_loop_example_moves_the_skipper_schedule(example):
+    stats = example("plain_loop").main(["--steps", "12"])
+    skips = [len(s["skipped_layers"]) for s in stats]
+    assert len(stats) == 12 and sum(skips[:6]) > sum(skips[6:]), skips
+
+
+def test_lora_example_merges_into_a_plain_model(example, tmp_path):
+    from sts.models.families import save_tiny
+
+    original = AutoModelForImageTextToText.from_pretrained(save_tiny("LlavaForConditionalGeneration", tmp_path / "base"))
+    history = example("lora").main(["--steps", "6", "--model", str(tmp_path / "base"), "--out", str(tmp_path / "run")])
+    assert any(line.get("sts/lm_seq_len", 99) < line.get("sts/input_seq_len", 0) for line in history)
+    merged = AutoModelForImageTextToText.from_pretrained(tmp_path / "run" / "model").state_dict()
+    before = original.state_dict()
+    assert merged.keys() == before.keys(), "no adapter or STS keys: a plain checkpoint"
+    q_proj = next(k for k in before if "language_model" in k and k.endswith("q_proj.weight"))
+    k_proj = q_proj.replace("q_proj", "k_proj")
+    assert not torch.equal(merged[q_proj], before[q_proj]), "the LoRA update was merged in"
+    assert torch.equal(merged[k_proj], before[k_proj]), "modules without an adapter are untouched"
