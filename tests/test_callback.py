@@ -1,5 +1,6 @@
 """STS in a user's own `transformers.Trainer`: `apply_sts` plus `callbacks=[STSCallback()]`."""
 
+import torch
 from transformers import Trainer, TrainerControl, TrainerState, TrainingArguments
 
 import sts
@@ -37,3 +38,25 @@ def test_a_resumed_run_resumes_the_schedule():
     state = TrainerState(global_step=600, max_steps=800)  # as restored from a checkpoint
     sts.STSCallback().on_step_begin(None, state, TrainerControl(), model=model)
     assert state_of(model).progress == 0.75
+
+
+def test_a_fused_lm_head_scores_the_cut_labels_as_sts_does(synth_data, processor):
+    """TRL's fused LM head computes the loss inside the forward from the labels it was given:
+    STS cuts them in place, and the loss is the one STS computes itself from the logits."""
+    from trl.trainer.utils import add_fused_lm_head
+
+    from sts.data.llava import Collator, LlavaDataset
+
+    dataset = LlavaDataset(synth_data["train"], processor)
+    batch = Collator(processor.tokenizer.pad_token_id)([dataset[i] for i in range(4)])
+    model = build_model(TEST_SIZES, seed=0, base=False).train()
+    compressor = {"vtc": {"strategy": "pool", "keep_ratio": 0.25}}
+    sts.apply_sts(model, compressor)
+    own = model(**{k: v.clone() for k, v in batch.items()}).loss
+    sts.remove_sts(model)
+
+    add_fused_lm_head(model)
+    sts.apply_sts(model, compressor)
+    fused = model(**{k: v.clone() for k, v in batch.items()}, fused_lm_head=True)
+    assert sts.step_stats(model)["lm_seq_len"] < batch["input_ids"].shape[1]
+    assert torch.allclose(fused.loss, own, atol=1e-5)

@@ -49,3 +49,25 @@ def test_lora_example_merges_into_a_plain_model(example, tmp_path):
     k_proj = q_proj.replace("q_proj", "k_proj")
     assert not torch.equal(merged[q_proj], before[q_proj]), "the LoRA update was merged in"
     assert torch.equal(merged[k_proj], before[k_proj]), "modules without an adapter are untouched"
+
+
+def test_sft_trainer_example_compresses_inside_trls_trainer(example):
+    history = example("sft_trainer").main(["--steps", "4"])
+    logged = [line for line in history if "loss" in line]
+    assert len(logged) == 4 and all(line["sts/lm_seq_len"] < line["sts/input_seq_len"] for line in logged)
+
+
+def test_sts_wrapped_before_trl_is_a_clear_error_not_a_silent_bypass(example, tmp_path):
+    from transformers import AutoProcessor
+    from trl import SFTConfig, SFTTrainer
+
+    import sts
+
+    model_path, data = example("_tiny").model_and_data(None, None, tmp_path, "Qwen2_5_VLForConditionalGeneration")
+    model = sts.apply_sts(AutoModelForImageTextToText.from_pretrained(model_path), {"vtc": {"strategy": "pool"}})
+    trainer = SFTTrainer(model=model, args=SFTConfig(output_dir=str(tmp_path / "out"), max_steps=2, report_to="none",
+                                                     per_device_train_batch_size=4, bf16=False, max_length=None),
+                         train_dataset=example("sft_trainer").trl_rows(data),
+                         processing_class=AutoProcessor.from_pretrained(model_path), callbacks=[sts.STSCallback()])
+    with pytest.raises(ValueError, match=r"call sts.apply_sts\(trainer.model"):
+        trainer.train()

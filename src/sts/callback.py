@@ -6,18 +6,26 @@ compressor's schedules advance as the run does; a resumed run restores its globa
 with it the schedule. Gradient accumulation needs nothing: micro-batches of one optimizer step
 share its progress and draw their own skips. What STS did in the last step goes into every
 training log line (`sts/...`), in the Trainer's log history and to every callback after this one.
+A step that ran without STS's forward (something wrapped the model after `apply_sts`, as TRL's
+trainers do when built) stops training with that advice rather than silently training dense.
 """
 
 from __future__ import annotations
 
 from transformers import TrainerCallback
 
-from sts.patch import set_progress, step_stats
+from sts.patch import set_progress, state_of, step_stats
 
 
 class STSCallback(TrainerCallback):
     def on_step_begin(self, args, state, control, model=None, **kwargs):
         set_progress(model, state.global_step, state.max_steps)
+
+    def on_step_end(self, args, state, control, model=None, **kwargs):
+        if state_of(model).micro_batch == 0:
+            raise ValueError("sts: a training step ran without STS's forward: something replaced the model's "
+                             "forward after apply_sts (TRL's trainers do, for their fused LM head); call "
+                             "sts.apply_sts(trainer.model, ...) after building the trainer")
 
     def on_log(self, args, state, control, logs=None, model=None, **kwargs):
         if not logs or "loss" not in logs:

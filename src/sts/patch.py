@@ -93,12 +93,15 @@ def apply_sts(model, cfg: STSConfig | dict):
             state.stats.update(batch_size=input_ids.shape[0], visual_tokens_in=visual, visual_tokens_kept=visual,
                                input_seq_len=input_ids.shape[1], lm_seq_len=input_ids.shape[1])
         compressing = state.vtc_active() and input_ids is not None and state.stats["visual_tokens_in"] > 0
-        labels = kwargs.pop("labels", None) if compressing else None
+        # A fused LM head (TRL's `fused_lm_head=True`) scores the labels inside the forward: they stay
+        # in the call and are cut in place with the sequence. Otherwise STS computes the loss itself.
+        fused = bool(kwargs.get("fused_lm_head"))
+        labels = (kwargs.get("labels") if fused else kwargs.pop("labels", None)) if compressing else None
         skipped = state.draw_skips()
         with contextlib.ExitStack() as stack:
             features = stack.enter_context(capture_features(state.adapter))
             if compressing:
-                cut = stack.enter_context(cutting_the_sequence(state, kwargs, labels, features))
+                cut = stack.enter_context(cutting_the_sequence(state, kwargs, labels, features, in_place=fused))
             if skipped:
                 stack.enter_context(state.adapter.without_layers(skipped))
                 kwargs["use_cache"] = False
@@ -106,7 +109,7 @@ def apply_sts(model, cfg: STSConfig | dict):
         state.micro_batch += 1
         state.stats["images"] = sum(len(f) for f in features.values())
         state.history.append(dict(state.stats))
-        if compressing and labels is not None:
+        if compressing and labels is not None and not fused:
             output = with_loss(model, output, cut.result.pick(labels, IGNORE_INDEX), kwargs)
         return output
 
@@ -180,12 +183,16 @@ class PendingCut:
 
 
 @contextlib.contextmanager
-def cutting_the_sequence(state: STSState, inputs: dict, labels: torch.Tensor | None, features: dict):
-    """While the model runs, cut the sequence where its language model receives it."""
+def cutting_the_sequence(state: STSState, inputs: dict, labels: torch.Tensor | None, features: dict,
+                         in_place: bool = False):
+    """While the model runs, cut the sequence where its language model receives it; `in_place`:
+    make `labels` (the caller's tensor object) the cut labels too, for a head that reads them."""
     pending = PendingCut()
 
     def hook(module, args, kwargs):
         pending.result, kwargs = cut_sequence(state, inputs, labels, features, kwargs)
+        if in_place and labels is not None:
+            labels.set_(pending.result.pick(labels, IGNORE_INDEX))
         return args, kwargs
 
     handle = state.adapter.language_model().register_forward_pre_hook(hook, with_kwargs=True, prepend=True)
