@@ -144,7 +144,11 @@ def test_samples_are_encoded_in_dataloader_workers_without_a_cache(synth_data, p
     from torch.utils.data import DataLoader
 
     dataset = LlavaDataset(synth_data["train"], processor)
+    first = dataset[0]  # the parent has read too: forked workers share its file handle
     loader = DataLoader(dataset, batch_size=8, num_workers=2, collate_fn=Collator(processor.tokenizer.pad_token_id))
     batches = list(loader)
     assert sum(len(b["input_ids"]) for b in batches) == len(dataset) == 48
-    assert dataset.cache is None and dataset.records.file is None, "the workers encoded; the parent holds nothing"
+    assert torch.equal(batches[0]["input_ids"][0, : len(first["input_ids"])], first["input_ids"])
+    ids = [dataset.records[i]["id"] for i in range(len(dataset))]
+    assert ids == [r["id"] for r in json.loads(synth_data["train"].read_text())], "every record read intact"
+    assert dataset.cache is None, "nothing cached"

@@ -182,18 +182,19 @@ class Records:
         return len(self.starts)
 
     def __getitem__(self, index: int) -> dict:
-        if self.file is None:  # opened on first use, so each DataLoader worker has its own handle
+        if self.file is None:
             self.file = open(self.path, "rb")
-        self.file.seek(self.starts[index])
+        # A positional read: forked DataLoader workers share the handle, and a seek would race.
+        raw = os.pread(self.file.fileno(), self.ends[index] - self.starts[index], self.starts[index])
         try:
-            record = json.loads(self.file.read(self.ends[index] - self.starts[index]))
+            record = json.loads(raw)
         except json.JSONDecodeError as error:
             raise ValueError(f"{self.path}, record {index}: not valid JSON ({error.msg})") from None
         if not isinstance(record.get("conversations"), list):
             raise ValueError(f"{self.path}, record {index} ({record.get('id', 'no id')}): no 'conversations' list")
         return record
 
-    def __getstate__(self):  # a worker process reopens the file itself
+    def __getstate__(self):  # a spawned worker opens the file itself
         return {**self.__dict__, "file": None}
 
 
