@@ -152,3 +152,41 @@ def test_samples_are_encoded_in_dataloader_workers_without_a_cache(synth_data, p
     ids = [dataset.records[i]["id"] for i in range(len(dataset))]
     assert ids == [r["id"] for r in json.loads(synth_data["train"].read_text())], "every record read intact"
     assert dataset.cache is None, "nothing cached"
+
+
+def test_lengths_are_counted_without_encoding_and_match_the_encoding(synth_data, processor, tmp_path):
+    text_only = tmp_path / "mixed.json"
+    records = json.loads(synth_data["train"].read_text())[:6]
+    for record in records[::2]:  # every other record without its image
+        record.pop("image")
+        record["conversations"][0]["value"] = record["conversations"][0]["value"].replace("<image>\n", "")
+    text_only.write_text(json.dumps(records))
+    for dataset in (LlavaDataset(synth_data["train"], processor),
+                    LlavaDataset(synth_data["align"], processor, template="plain"),
+                    LlavaDataset(text_only, processor, images=synth_data["train"].parent)):
+        assert dataset.lengths() == [len(dataset[i]["input_ids"]) for i in range(len(dataset))]
+
+
+def test_length_grouped_batches_hold_records_of_similar_length(synth_data, processor, tmp_path):
+    from transformers import TrainingArguments
+
+    from sts.models.tiny import build_model
+    from sts.train import LengthGroupedTrainer
+    from tests.conftest import TEST_SIZES
+
+    records = json.loads(synth_data["train"].read_text())
+    text_only = [{"id": f"text-{r['id']}", "conversations": [dict(t, value=t["value"].replace("<image>\n", ""))
+                                                             for t in r["conversations"]]} for r in records]
+    mixed = tmp_path / "mixed.json"  # 48 records with an image (~91 tokens), 48 without (~27)
+    mixed.write_text(json.dumps(records + text_only))
+    dataset = LlavaDataset(mixed, processor, images=synth_data["train"].parent)
+    args = TrainingArguments(output_dir=str(tmp_path), per_device_train_batch_size=8, report_to="none", use_cpu=True)
+    trainer = LengthGroupedTrainer(model=build_model(TEST_SIZES, base=False), args=args, train_dataset=dataset)
+    order = list(trainer._get_train_sampler())
+    lengths = dataset.lengths()
+    assert sorted(order) == list(range(len(dataset)))
+    grouped = [[lengths[i] for i in order[b: b + 8]] for b in range(0, len(order), 8)]
+    mixed_batches = sum(max(g) - min(g) > 20 for g in grouped)
+    # Shuffled, nearly every batch of 8 would mix the two kinds; grouped, only those at the
+    # boundary of a sorted mega-batch (3 batches each) do.
+    assert mixed_batches <= len(grouped) // 3, f"batches mix images and text-only records: {grouped}"

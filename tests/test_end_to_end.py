@@ -127,3 +127,15 @@ def test_a_stage_saves_checkpoints_and_resumes_from_one(synth_data, tmp_path):
 def test_resuming_from_a_missing_checkpoint_is_a_clear_error(synth_data, tmp_path, capsys):
     assert main(["train", "demo", *tiny_overrides(synth_data, tmp_path), "stages.1.resume_from_checkpoint=latest"]) == 2
     assert "stages.instruct.resume_from_checkpoint: no Trainer checkpoint" in capsys.readouterr().err
+
+
+def test_a_stage_trains_on_length_grouped_batches(synth_data, tmp_path, monkeypatch):
+    from sts.config import load_recipe
+    from sts.train import run_recipe
+
+    counted = []
+    original = LlavaDataset.lengths
+    monkeypatch.setattr(LlavaDataset, "lengths", lambda self: counted.append(self.template) or original(self))
+    result = run_recipe(load_recipe("demo", [*tiny_overrides(synth_data, tmp_path), "stages.1.group_by_length=true"]))
+    assert counted == ["chat"], "the instruct stage's sampler grouped by length; align's did not"
+    assert result["stages"][1]["steps"] == 3

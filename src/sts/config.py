@@ -127,6 +127,8 @@ class StageConfig(Strict):
     gradient_checkpointing: bool = False
     bf16: bool = False
     dataloader_num_workers: int = Field(default=0, ge=0, description="processes encoding samples while training")
+    group_by_length: bool = Field(default=False, description="batches of records of similar length (counted "
+                                  "from their text and image count, without encoding): less padding")
     report_to: list[str] = Field(default=["none"], description="the Trainer's loggers, e.g. [tensorboard] or [wandb]")
     save_steps: int = Field(default=0, ge=0, description="save a resumable checkpoint every N steps; 0: none")
     save_total_limit: int | None = Field(default=None, ge=1, description="keep only the newest N checkpoints")

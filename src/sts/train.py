@@ -22,6 +22,7 @@ from transformers import (
     TrainingArguments,
     set_seed,
 )
+from transformers.trainer_pt_utils import LengthGroupedSampler
 
 from sts.adapters import get_adapter
 from sts.callback import STSCallback
@@ -141,6 +142,17 @@ class PeakMemory:
         return self.peak / 2**30
 
 
+class LengthGroupedTrainer(Trainer):
+    """A Trainer whose batches hold records of similar length, from `LlavaDataset.lengths()`
+    (the Trainer's own grouping would encode every record, images included, to learn it)."""
+
+    def _get_train_sampler(self, train_dataset=None):
+        dataset = train_dataset if train_dataset is not None else self.train_dataset
+        batch = self.args.train_batch_size * self.args.gradient_accumulation_steps
+        return LengthGroupedSampler(batch, lengths=dataset.lengths(),
+                                    generator=torch.Generator().manual_seed(self.args.data_seed or self.args.seed))
+
+
 def checkpoint_to_resume(stage: StageConfig, output_dir: Path) -> Path | None:
     """The stage's `resume_from_checkpoint`: a folder, or 'latest' (its newest checkpoint-N)."""
     if stage.resume_from_checkpoint is None:
@@ -169,7 +181,7 @@ def run_stage(stage: StageConfig, model, processor, dataset, output_dir: Path, s
     get_adapter(model).set_trainable(parts)
     apply_sts(model, sts or STSConfig())
     meter = StepMeter(model, {k: v == "full" for k, v in parts.items()})
-    trainer = Trainer(
+    trainer = (LengthGroupedTrainer if stage.group_by_length else Trainer)(
         model=model,
         args=training_arguments(stage, output_dir, seed),
         train_dataset=dataset,

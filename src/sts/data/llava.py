@@ -101,6 +101,13 @@ def image_markup(processor) -> str:
     return with_image[start:len(with_image) - end]
 
 
+def render(processor, record: dict, images: int, template: str) -> tuple[str, list[tuple[int, int]]]:
+    """A record's whole text in `template` (chat or plain), and the character spans trained on."""
+    if template == "plain":
+        return plain_spans(processor, record, images)
+    return answer_spans(processor, to_messages(record["conversations"], images))
+
+
 def open_image(images_dir: Path, relative: str) -> Image.Image:
     with Image.open(images_dir / relative) as image:
         return image.convert("RGB")
@@ -111,10 +118,7 @@ def encode(processor, record: dict, images_dir: Path, template: str = "chat") ->
     of one record in `template` (chat or plain); per-token inputs are 1-D, image inputs as the
     processor returns them."""
     paths = image_paths(record)
-    if template == "plain":
-        text, spans = plain_spans(processor, record, len(paths))
-    else:
-        text, spans = answer_spans(processor, to_messages(record["conversations"], len(paths)))
+    text, spans = render(processor, record, len(paths), template)
     images = [open_image(images_dir, path) for path in paths]
     inputs = dict(processor(text=text, images=images or None, return_tensors="pt"))
     input_ids = inputs.pop("input_ids")[0]
@@ -225,6 +229,30 @@ class LlavaDataset(Dataset):
         if self.cache is not None:
             self.cache[index] = sample
         return sample
+
+    def lengths(self) -> list[int]:
+        """Each record's token count without encoding its images: the text as the template writes
+        it, tokenized, plus each image's tokens as the first image-bearing record expands them
+        (exact for fixed-resolution processors, an estimate for dynamic ones); for batching
+        records of similar lengths."""
+        texts, images = [], []
+        for index in tqdm(range(len(self)), desc="lengths", leave=False):
+            record = self.records[index]
+            images.append(len(image_paths(record)))
+            texts.append(render(self.processor, record, images[-1], self.template)[0])
+        per_image = self.tokens_per_image(images)
+        counts = [len(ids) for ids in self.processor.tokenizer(texts)["input_ids"]]
+        return [n + k * per_image for n, k in zip(counts, images)]
+
+    def tokens_per_image(self, images: list[int]) -> int:
+        """How many tokens one image adds beyond its placeholder, from the first record with images."""
+        first = next((index for index, count in enumerate(images) if count), None)
+        if first is None:
+            return 0
+        record = self.records[first]
+        text, _ = render(self.processor, record, images[first], self.template)
+        encoded = encode(self.processor, record, self.images_dir, self.template)["input_ids"]
+        return (len(encoded) - len(self.processor.tokenizer(text)["input_ids"])) // images[first]
 
     def encode_all(self) -> None:
         """Encode (and cache) every record now, so that training time measures training, not one
