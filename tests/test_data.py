@@ -190,3 +190,13 @@ def test_length_grouped_batches_hold_records_of_similar_length(synth_data, proce
     # Shuffled, nearly every batch of 8 would mix the two kinds; grouped, only those at the
     # boundary of a sorted mega-batch (3 batches each) do.
     assert mixed_batches <= len(grouped) // 3, f"batches mix images and text-only records: {grouped}"
+
+
+def test_a_broken_data_file_is_one_line_from_the_cli(tmp_path, capsys):
+    from sts.cli import main
+
+    (tmp_path / "open.json").write_text('[{"id": "x", "conversations": [')
+    assert main(["train", "demo", f"data.train={tmp_path / 'open.json'}",
+                 f"stages.0.data.train={tmp_path / 'open.json'}", f"output_dir={tmp_path / 'out'}"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("sts: error:") and "open.json" in err and "\n" not in err

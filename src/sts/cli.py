@@ -132,10 +132,11 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from sts.adapters import UnsupportedModelError
     from sts.config import ConfigError
+    from sts.data.llava import DataError
 
     try:
         args.run(args)
-    except (ConfigError, FileNotFoundError, UnsupportedModelError) as error:
+    except (ConfigError, DataError, FileNotFoundError, UnsupportedModelError) as error:
         print(f"sts: error: {error}", file=sys.stderr)
         return 2
     return 0

@@ -26,6 +26,10 @@ from torch.utils.data import Dataset
 from tqdm import tqdm
 
 IGNORE_INDEX = -100
+
+
+class DataError(ValueError):
+    """Data that cannot be used; the message names the file and the record."""
 IMAGE_PLACEHOLDER = "<image>"
 
 
@@ -35,7 +39,7 @@ def load_records(path: str | Path) -> list[dict]:
         raise FileNotFoundError(f"no data file at {path}")
     records = json.loads(path.read_text())
     if not isinstance(records, list) or not all("conversations" in r for r in records):
-        raise ValueError(f"{path} is not a LLaVA-format JSON list of records with 'conversations'")
+        raise DataError(f"{path} is not a LLaVA-format JSON list of records with 'conversations'")
     return records
 
 
@@ -82,7 +86,7 @@ def plain_spans(processor, record: dict, images: int) -> tuple[str, list[tuple[i
     end-of-sequence token, which is the one span trained on."""
     answers = [turn["value"].strip() for turn in record["conversations"] if turn["from"] == "gpt"]
     if not answers:
-        raise ValueError(f"record {record.get('id', '?')} has no 'gpt' turn, which the plain format trains on")
+        raise DataError(f"record {record.get('id', '?')} has no 'gpt' turn, which the plain format trains on")
     eos = processor.tokenizer.eos_token
     prefix = image_markup(processor) * images
     return prefix + answers[0] + eos, [(len(prefix), len(prefix) + len(answers[0]) + len(eos))]
@@ -178,7 +182,7 @@ class Records:
                             self.ends.append(at + 1)
                 offset += len(chunk)
         if depth != 0 or in_string or not self.starts:
-            raise ValueError(f"{self.path} is not a JSON list of LLaVA records (no complete object found, "
+            raise DataError(f"{self.path} is not a JSON list of LLaVA records (no complete object found, "
                              "or one is left open)")
         self.file = None
 
@@ -193,9 +197,9 @@ class Records:
         try:
             record = json.loads(raw)
         except json.JSONDecodeError as error:
-            raise ValueError(f"{self.path}, record {index}: not valid JSON ({error.msg})") from None
+            raise DataError(f"{self.path}, record {index}: not valid JSON ({error.msg})") from None
         if not isinstance(record.get("conversations"), list):
-            raise ValueError(f"{self.path}, record {index} ({record.get('id', 'no id')}): no 'conversations' list")
+            raise DataError(f"{self.path}, record {index} ({record.get('id', 'no id')}): no 'conversations' list")
         return record
 
     def __getstate__(self):  # a spawned worker opens the file itself
