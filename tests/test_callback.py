@@ -60,3 +60,35 @@ def test_a_fused_lm_head_scores_the_cut_labels_as_sts_does(synth_data, processor
     fused = model(**{k: v.clone() for k, v in batch.items()}, fused_lm_head=True)
     assert sts.step_stats(model)["lm_seq_len"] < batch["input_ids"].shape[1]
     assert torch.allclose(fused.loss, own, atol=1e-5)
+
+
+def test_loggers_see_the_stats_when_the_callback_goes_first(synth_data, processor, tmp_path):
+    """report_to's loggers come before user callbacks, so STSCallback must be put ahead of them."""
+    from transformers import TrainerCallback
+
+    class Logger(TrainerCallback):  # stands for TensorBoard / W&B, which read `logs` when called
+        def __init__(self):
+            self.seen = []
+
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            if "loss" in logs:
+                self.seen.append(dict(logs))
+
+    def train(sts_first: bool) -> list[dict]:
+        model = sts.apply_sts(build_model(TEST_SIZES, seed=0, base=False), {"vtc": {"strategy": "pool"}})
+        args = TrainingArguments(output_dir=str(tmp_path), per_device_train_batch_size=4, max_steps=2,
+                                 logging_steps=1, report_to="none", save_strategy="no", remove_unused_columns=False,
+                                 use_cpu=True)
+        trainer = Trainer(model=model, args=args, train_dataset=LlavaDataset(synth_data["train"], processor),
+                          data_collator=Collator(processor.tokenizer.pad_token_id),
+                          callbacks=None if sts_first else [sts.STSCallback()])
+        logger = Logger()
+        trainer.callback_handler.callbacks.insert(1, logger)  # where report_to puts its loggers
+        if sts_first:
+            trainer.callback_handler.callbacks.insert(1, sts.STSCallback())  # as the README says
+        trainer.train()
+        return logger.seen
+
+    assert not any("sts/lm_seq_len" in line for line in train(sts_first=False))
+    first = train(sts_first=True)
+    assert len(first) == 2 and all("sts/lm_seq_len" in line for line in first)
