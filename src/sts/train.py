@@ -186,8 +186,9 @@ def run_stage(stage: StageConfig, model, processor, dataset, output_dir: Path, s
         args=training_arguments(stage, output_dir, seed),
         train_dataset=dataset,
         data_collator=Collator(processor.tokenizer.pad_token_id),
-        callbacks=[STSCallback(), meter],
+        callbacks=[meter],
     )
+    trainer.callback_handler.callbacks.insert(1, STSCallback())  # ahead of report_to's loggers: they see its stats
     with PeakMemory() as memory:
         started = time.perf_counter()
         with quiet_reload() if resume else contextlib.nullcontext():
