@@ -4,24 +4,20 @@ merged model is a plain checkpoint that loads without sts or peft.
     python examples/lora.py [--model LOCAL_CHECKPOINT] [--data LLAVA.json] [--steps 20] [--out DIR]
 """
 
-import argparse
 import tempfile
 from pathlib import Path
 
 from peft import LoraConfig, get_peft_model
-from transformers import AutoModelForImageTextToText, AutoProcessor, Trainer, TrainingArguments
+from transformers import AutoModelForImageTextToText, AutoProcessor
 
 import sts
-from sts.data.llava import Collator, LlavaDataset
 
-from _tiny import model_and_data
+from _tiny import arguments, model_and_data
+from trainer import build_trainer
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model"), parser.add_argument("--data"), parser.add_argument("--out", default="runs/lora")
-    parser.add_argument("--steps", type=int, default=20)
-    args = parser.parse_args(argv)
+    args = arguments(__doc__, out="runs/lora").parse_args(argv)
     with tempfile.TemporaryDirectory() as tmp:
         model_path, data = model_and_data(args.model, args.data, Path(tmp))
         model = AutoModelForImageTextToText.from_pretrained(model_path)
@@ -31,15 +27,7 @@ def main(argv=None):
                               "vtc": {"strategy": "pool", "keep_ratio": 0.25, "proportional_attention": True}})
         lora = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, target_modules=r".*language_model.*\.(q|v)_proj",
                                                 modules_to_save=["multi_modal_projector"]))
-        trainer = Trainer(
-            model=lora,
-            args=TrainingArguments(output_dir=args.out, max_steps=args.steps, per_device_train_batch_size=8,
-                                   learning_rate=1e-3, logging_steps=5, report_to="none", save_strategy="no",
-                                   remove_unused_columns=False),
-            train_dataset=LlavaDataset(data, processor),
-            data_collator=Collator(processor.tokenizer.pad_token_id),
-            callbacks=[sts.STSCallback()],
-        )
+        trainer = build_trainer(lora, processor, data, args.out, args.steps, learning_rate=1e-3)  # as trainer.py
         trainer.train()
         merged = lora.merge_and_unload()
         sts.remove_sts(merged)

@@ -6,7 +6,6 @@ With accelerate, the same loop works after `accelerator.prepare(...)`: call `set
 on the unwrapped model (`accelerator.unwrap_model(model)`).
 """
 
-import argparse
 import tempfile
 from pathlib import Path
 
@@ -17,12 +16,11 @@ from transformers import AutoModelForImageTextToText, AutoProcessor
 import sts
 from sts.data.llava import Collator, LlavaDataset
 
-from _tiny import model_and_data
+from _tiny import arguments, model_and_data
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model"), parser.add_argument("--data"), parser.add_argument("--steps", type=int, default=20)
+    parser = arguments(__doc__)
     args = parser.parse_args(argv)
     with tempfile.TemporaryDirectory() as tmp:
         model_path, data = model_and_data(args.model, args.data, Path(tmp))

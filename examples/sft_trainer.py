@@ -5,7 +5,6 @@ is built; STS must wrap last) and `callbacks=[sts.STSCallback()]`.
     python examples/sft_trainer.py [--model LOCAL_QWEN2.5-VL_CHECKPOINT] [--data LLAVA.json] [--steps 20]
 """
 
-import argparse
 import tempfile
 from pathlib import Path
 
@@ -17,7 +16,7 @@ from trl import SFTConfig, SFTTrainer
 import sts
 from sts.data.llava import Records, image_paths, open_image, to_messages
 
-from _tiny import model_and_data
+from _tiny import arguments, model_and_data
 
 
 def trl_rows(data: str) -> Dataset:
@@ -33,9 +32,7 @@ def trl_rows(data: str) -> Dataset:
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model"), parser.add_argument("--data"), parser.add_argument("--out", default="runs/sft")
-    parser.add_argument("--steps", type=int, default=20)
+    parser = arguments(__doc__, out="runs/sft")
     parser.add_argument("--keep-ratio", type=float, default=0.25)
     args = parser.parse_args(argv)
     with tempfile.TemporaryDirectory() as tmp:

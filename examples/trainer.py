@@ -3,7 +3,6 @@
     python examples/trainer.py [--model LOCAL_CHECKPOINT] [--data LLAVA.json] [--steps 20]
 """
 
-import argparse
 import tempfile
 from pathlib import Path
 
@@ -12,14 +11,23 @@ from transformers import AutoModelForImageTextToText, AutoProcessor, Trainer, Tr
 import sts
 from sts.data.llava import Collator, LlavaDataset
 
-from _tiny import model_and_data
+from _tiny import arguments, model_and_data
+
+
+def build_trainer(model, processor, data: str, out: str, steps: int, learning_rate: float) -> Trainer:
+    return Trainer(
+        model=model,
+        args=TrainingArguments(output_dir=out, max_steps=steps, per_device_train_batch_size=8,
+                               learning_rate=learning_rate, logging_steps=5, report_to="none", save_strategy="no",
+                               remove_unused_columns=False),
+        train_dataset=LlavaDataset(data, processor),
+        data_collator=Collator(processor.tokenizer.pad_token_id),
+        callbacks=[sts.STSCallback()],
+    )
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model"), parser.add_argument("--data"), parser.add_argument("--out", default="runs/example")
-    parser.add_argument("--steps", type=int, default=20)
-    args = parser.parse_args(argv)
+    args = arguments(__doc__, out="runs/example").parse_args(argv)
     with tempfile.TemporaryDirectory() as tmp:
         model_path, data = model_and_data(args.model, args.data, Path(tmp))
         model = AutoModelForImageTextToText.from_pretrained(model_path)
@@ -27,15 +35,7 @@ def main(argv=None):
 
         sts.apply_sts(model, {"vtc": {"strategy": "pool", "keep_ratio": 0.25, "proportional_attention": True},
                               "lds": {"alpha": 0.5, "epsilon": 0.5}})
-        trainer = Trainer(
-            model=model,
-            args=TrainingArguments(output_dir=args.out, max_steps=args.steps, per_device_train_batch_size=8,
-                                   learning_rate=1e-4, logging_steps=5, report_to="none", save_strategy="no",
-                                   remove_unused_columns=False),
-            train_dataset=LlavaDataset(data, processor),
-            data_collator=Collator(processor.tokenizer.pad_token_id),
-            callbacks=[sts.STSCallback()],
-        )
+        trainer = build_trainer(model, processor, data, args.out, args.steps, learning_rate=1e-4)
         trainer.train()
         sts.remove_sts(model)
         model.save_pretrained(Path(args.out) / "model")  # a plain checkpoint

@@ -64,7 +64,6 @@ class VTCConfig(Strict):
         "stands for (a pooled token as its window), so attention's shares of image and text stay as with full "
         "tokens; sends a 4D float mask, so it needs eager or SDPA attention, not FlashAttention")
 
-
     @field_validator("keep_ratio_schedule")
     @classmethod
     def ascending_points(cls, points: list[tuple[float, float]]) -> list[tuple[float, float]]:

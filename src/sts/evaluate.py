@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from sts.data.llava import image_paths, load_records, open_image, to_messages
+from sts.data.llava import Records, image_paths, open_image, to_messages
 
 
 def questions(records: list[dict]) -> list[dict]:
@@ -60,7 +60,8 @@ def evaluate(model_dir: str | Path, data: str | Path, images: str | Path | None 
 
     model, processor = load_model_and_processor(model_dir)
     model.eval()
-    records = load_records(data)[:limit]
+    stored = Records(data)
+    records = [stored[i] for i in range(len(stored) if limit is None else min(limit, len(stored)))]
     items = questions(records)
     images_dir = Path(images) if images else Path(data).parent
     predictions = answer(model, processor, items, images_dir, batch_size, max_new_tokens)

@@ -33,16 +33,6 @@ class DataError(ValueError):
 IMAGE_PLACEHOLDER = "<image>"
 
 
-def load_records(path: str | Path) -> list[dict]:
-    path = Path(path)
-    if not path.exists():
-        raise FileNotFoundError(f"no data file at {path}")
-    records = json.loads(path.read_text())
-    if not isinstance(records, list) or not all("conversations" in r for r in records):
-        raise DataError(f"{path} is not a LLaVA-format JSON list of records with 'conversations'")
-    return records
-
-
 def image_paths(record: dict) -> list[str]:
     """A record's images: `image` is one path, a list of paths, or absent (text only)."""
     image = record.get("image")
