@@ -85,10 +85,23 @@ def test_loggers_see_the_stats_when_the_callback_goes_first(synth_data, processo
         logger = Logger()
         trainer.callback_handler.callbacks.insert(1, logger)  # where report_to puts its loggers
         if sts_first:
-            trainer.callback_handler.callbacks.insert(1, sts.STSCallback())  # as the README says
+            sts.STSCallback.add_to(trainer)  # as the README says
         trainer.train()
         return logger.seen
 
     assert not any("sts/lm_seq_len" in line for line in train(sts_first=False))
     first = train(sts_first=True)
     assert len(first) == 2 and all("sts/lm_seq_len" in line for line in first)
+
+
+def test_the_callback_warns_when_report_to_loggers_would_miss_its_stats(caplog):
+    args = TrainingArguments(output_dir="unused", report_to="none")
+    sts.STSCallback().on_train_begin(args, None, None)
+    assert "add_to" not in caplog.text
+    args.report_to = ["tensorboard"]
+    sts.STSCallback().on_train_begin(args, None, None)
+    assert "add_to" in caplog.text
+    caplog.clear()
+    trainer = type("Trainer", (), {"callback_handler": type("Handler", (), {"callbacks": [sts.STSCallback()]})()})()
+    sts.STSCallback.add_to(trainer).on_train_begin(args, None, None)
+    assert "add_to" not in caplog.text and len(trainer.callback_handler.callbacks) == 1

@@ -6,6 +6,8 @@ compressor's schedules advance as the run does; a resumed run restores its globa
 with it the schedule. Gradient accumulation needs nothing: micro-batches of one optimizer step
 share its progress and draw their own skips. What STS did in the last step goes into every
 training log line (`sts/...`), in the Trainer's log history and to every callback after this one.
+transformers puts `report_to`'s loggers (TensorBoard, W&B) ahead of the callbacks passed to the
+Trainer, so `STSCallback.add_to(trainer)` is the way to have them record STS's stats too.
 A step that ran without STS's forward (something wrapped the model after `apply_sts`, as TRL's
 trainers do when built) stops training with that advice rather than silently training dense.
 """
@@ -13,11 +15,31 @@ trainers do when built) stops training with that advice rather than silently tra
 from __future__ import annotations
 
 from transformers import TrainerCallback
+from transformers.utils import logging
 
 from sts.patch import set_progress, state_of, step_stats
 
+logger = logging.get_logger(__name__)
+
 
 class STSCallback(TrainerCallback):
+    def __init__(self):
+        self.ahead_of_loggers = False
+
+    @classmethod
+    def add_to(cls, trainer) -> STSCallback:
+        """Put STS first in a built Trainer's callbacks, so report_to's loggers see its stats."""
+        callback = cls()
+        callback.ahead_of_loggers = True
+        callbacks = trainer.callback_handler.callbacks
+        callbacks[:] = [callback] + [c for c in callbacks if not isinstance(c, STSCallback)]
+        return callback
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        if not self.ahead_of_loggers and [name for name in args.report_to if name != "none"]:
+            logger.warning("sts: report_to=%s logs before callbacks=[STSCallback()] adds its stats; "
+                           "use sts.STSCallback.add_to(trainer) to have them logged there", args.report_to)
+
     def on_step_begin(self, args, state, control, model=None, **kwargs):
         set_progress(model, state.global_step, state.max_steps)
 

@@ -188,7 +188,7 @@ def run_stage(stage: StageConfig, model, processor, dataset, output_dir: Path, s
         data_collator=Collator(processor.tokenizer.pad_token_id),
         callbacks=[meter],
     )
-    trainer.callback_handler.callbacks.insert(1, STSCallback())  # ahead of report_to's loggers: they see its stats
+    STSCallback.add_to(trainer)
     with PeakMemory() as memory:
         started = time.perf_counter()
         with quiet_reload() if resume else contextlib.nullcontext():
