@@ -16,10 +16,14 @@ def cmd_data(args) -> None:
 
 def cmd_train(args) -> None:
     from sts.config import load_recipe
+    from sts.distributed import is_main, label_logs_with_rank
     from sts.train import run_recipe
 
+    label_logs_with_rank()
     result = run_recipe(load_recipe(args.config, args.overrides))
-    print(f"trained {len(result['stages'])} stage(s) in {result['train_seconds']:.1f}s; model: {result['model_dir']}")
+    if is_main():
+        print(f"trained {len(result['stages'])} stage(s) in {result['train_seconds']:.1f}s; "
+              f"model: {result['model_dir']}")
 
 
 def cmd_eval(args) -> None:

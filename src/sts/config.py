@@ -166,6 +166,12 @@ class RecipeConfig(Strict):
     lds: LDSConfig | None = None
     output_dir: str = "runs/train"
     seed: int = 0
+    distributed: Literal["ddp", "fsdp", "zero2", "zero3"] = Field(
+        default="ddp", description="how the processes of a torchrun / accelerate launch share the work: ddp "
+        "replicates the model; fsdp shards it per decoder layer (FSDP2); zero2 / zero3: DeepSpeed ZeRO with the "
+        "shipped config (or deepspeed_config). One process: plain training")
+    deepspeed_config: str | None = Field(default=None, description="a DeepSpeed JSON for zero2 / zero3 "
+                                         "instead of the shipped one")
 
     @field_validator("stages")
     @classmethod

@@ -36,6 +36,11 @@ def skip_probability(layer: int, layers: int, progress: float, cfg: LDSConfig) -
     return min(max(cfg.alpha * decay * tilt, 0.0), 1.0)
 
 
+def can_skip(layers: int, cfg: LDSConfig | None) -> bool:
+    """Whether any layer may ever be skipped (some layer is unprotected and alpha > 0)."""
+    return cfg is not None and any(skip_probability(layer, layers, 0.0, cfg) > 0 for layer in range(layers))
+
+
 def draw_skips(layers: int, progress: float, step: int, micro_batch: int, cfg: LDSConfig, seed: int) -> list[int]:
     """The layers skipped at this (step, micro-batch): each with its own seeded coin."""
     skipped = []

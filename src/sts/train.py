@@ -7,6 +7,7 @@ processor) that the next stage starts from. The last stage's checkpoint is the r
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import logging
 import os
 import threading
@@ -26,11 +27,15 @@ from transformers.trainer_pt_utils import LengthGroupedSampler
 
 from sts.adapters import get_adapter
 from sts.callback import STSCallback
-from sts.config import RecipeConfig, StageConfig, STSConfig
+from sts.config import ConfigError, RecipeConfig, StageConfig, STSConfig
 from sts.data.llava import Collator, LlavaDataset
+from sts.distributed import world_size
 from sts.flops import Shapes, train_step_flops
+from sts.lds import can_skip
 from sts.models import tiny
 from sts.patch import apply_sts, drain_stats, remove_sts
+
+DEEPSPEED_CONFIGS = Path(__file__).resolve().parent / "configs" / "deepspeed"
 
 
 def load_model_and_processor(path: str | Path):
@@ -48,7 +53,7 @@ def initial_model(cfg: RecipeConfig):
     return model, tiny.build_processor(cfg.model.tiny)
 
 
-def training_arguments(stage: StageConfig, output_dir: Path, seed: int) -> TrainingArguments:
+def training_arguments(stage: StageConfig, output_dir: Path, seed: int, **engine) -> TrainingArguments:
     return TrainingArguments(
         output_dir=str(output_dir),
         per_device_train_batch_size=stage.batch_size,
@@ -72,7 +77,28 @@ def training_arguments(stage: StageConfig, output_dir: Path, seed: int) -> Train
         dataloader_pin_memory=torch.cuda.is_available(),
         seed=seed,
         data_seed=seed,
+        **engine,
     )
+
+
+def engine_arguments(engine: str, deepspeed_config: str | None, model, unused_parameters: bool) -> dict:
+    """TrainingArguments for `engine` (ddp | fsdp | zero2 | zero3; one process: plain). DDP walks the autograd graph
+    for parameters a step leaves without gradients only if some may be (`unused_parameters`);
+    FSDP2 shards each decoder layer on its own, so a skipped layer is never gathered."""
+    arguments = {"use_cpu": not torch.cuda.is_available(), "ddp_find_unused_parameters": unused_parameters}
+    if world_size() == 1:
+        return arguments
+    if engine == "fsdp" and not torch.cuda.is_available():
+        raise ConfigError("distributed: fsdp runs on GPUs (accelerate shards only there); on CPU use ddp")
+    if engine in ("zero2", "zero3") and importlib.util.find_spec("deepspeed") is None:
+        raise ConfigError(f"distributed: {engine} needs DeepSpeed (pip install deepspeed)")
+    if engine == "fsdp":
+        layer = type(get_adapter(model).decoder_layers()[0]).__name__
+        arguments.update(fsdp=True, fsdp_config={"version": 2, "transformer_layer_cls_to_wrap": [layer],
+                                                 "reshard_after_forward": True, "state_dict_type": "FULL_STATE_DICT"})
+    elif engine in ("zero2", "zero3"):
+        arguments["deepspeed"] = deepspeed_config or str(DEEPSPEED_CONFIGS / f"{engine}.json")
+    return arguments
 
 
 class StepMeter(TrainerCallback):
@@ -168,24 +194,32 @@ def checkpoint_to_resume(stage: StageConfig, output_dir: Path) -> Path | None:
 
 
 def run_stage(stage: StageConfig, model, processor, dataset, output_dir: Path, seed: int,
-              sts: STSConfig | None = None) -> dict:
+              sts: STSConfig | None = None, distributed: str = "ddp", deepspeed_config: str | None = None) -> dict:
     """Train one stage; STS is always attached (an empty config enables nothing) so that every
     stage, baseline included, is metered the same way. A resumed stage starts from its
     checkpoint's weights (loaded here: transformers 5.24's Trainer reloads them without the key
     conversion LLaVA-style checkpoints need, so its own reload finds no key and changes nothing)
-    and the Trainer restores the optimizer, schedule, step and data order."""
+    and the Trainer restores the optimizer, schedule, step and data order. In a run of several
+    processes, rank 0 saves the model (gathered whole from FSDP or ZeRO-3 shards) and the others
+    wait for it, so the next stage can load it."""
     resume = checkpoint_to_resume(stage, output_dir)
     if resume is not None:
         model = AutoModelForImageTextToText.from_pretrained(resume, dtype=torch.float32)
     parts = stage.train.model_dump()
     get_adapter(model).set_trainable(parts)
-    apply_sts(model, sts or STSConfig())
+    sts = sts or STSConfig()
+    apply_sts(model, sts)
     meter = StepMeter(model, {k: v == "full" for k, v in parts.items()})
+    # Parameters without gradients: skipped layers, and a trained vision tower's layers after the
+    # one whose features the model uses (LLaVA reads the second-to-last).
+    unused = can_skip(get_adapter(model).num_layers, sts.lds) or parts["vision_tower"] == "full"
+    engine = engine_arguments(distributed, deepspeed_config, model, unused)
     trainer = (LengthGroupedTrainer if stage.group_by_length else Trainer)(
         model=model,
-        args=training_arguments(stage, output_dir, seed),
+        args=training_arguments(stage, output_dir, seed, **engine),
         train_dataset=dataset,
         data_collator=Collator(processor.tokenizer.pad_token_id),
+        processing_class=processor,
         callbacks=[meter],
     )
     STSCallback.add_to(trainer)
@@ -196,8 +230,8 @@ def run_stage(stage: StageConfig, model, processor, dataset, output_dir: Path, s
         seconds = time.perf_counter() - started
     remove_sts(model)
     model_dir = output_dir / "model"
-    model.save_pretrained(model_dir)
-    processor.save_pretrained(model_dir)
+    trainer.save_model(str(model_dir))  # with the processor: a folder from_pretrained reads whole
+    trainer.accelerator.wait_for_everyone()
     samples = result.global_step * stage.batch_size * stage.gradient_accumulation_steps
     return {
         "name": stage.name,
@@ -230,7 +264,7 @@ def run_recipe(cfg: RecipeConfig) -> dict:
         if index > 0:
             model, processor = load_model_and_processor(stages[-1]["model_dir"])
         stages.append(run_stage(stage, model, processor, datasets[cfg.data_for(stage)], output_dir / stage.name,
-                                cfg.seed, cfg.sts_for(stage)))
+                                cfg.seed, cfg.sts_for(stage), cfg.distributed, cfg.deepspeed_config))
     return {
         "model_dir": stages[-1]["model_dir"],
         "train_seconds": sum(s["seconds"] for s in stages),

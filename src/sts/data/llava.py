@@ -25,6 +25,8 @@ from PIL import Image
 from torch.utils.data import Dataset
 from tqdm import tqdm
 
+from sts.distributed import is_main
+
 IGNORE_INDEX = -100
 
 
@@ -230,7 +232,7 @@ class LlavaDataset(Dataset):
         (exact for fixed-resolution processors, an estimate for dynamic ones); for batching
         records of similar lengths."""
         texts, images = [], []
-        for index in tqdm(range(len(self)), desc="lengths", leave=False):
+        for index in tqdm(range(len(self)), desc="lengths", leave=False, disable=not is_main()):
             record = self.records[index]
             images.append(len(image_paths(record)))
             texts.append(render(self.processor, record, images[-1], self.template)[0])
@@ -251,7 +253,7 @@ class LlavaDataset(Dataset):
     def encode_all(self) -> None:
         """Encode (and cache) every record now, so that training time measures training, not one
         epoch of image preprocessing paid by whichever stage happens to come first."""
-        for index in tqdm(range(len(self)), desc="encoding", leave=False):
+        for index in tqdm(range(len(self)), desc="encoding", leave=False, disable=not is_main()):
             self[index]
 
 

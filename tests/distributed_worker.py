@@ -1,0 +1,118 @@
+"""Run by `torchrun` (or alone, as the one-process reference) in the distributed tests.
+
+    distributed_worker.py recipe OUT RECIPE [key=value ...]   `sts train`, as a library call
+                                                              (DDP, or DeepSpeed ZeRO)
+    distributed_worker.py fsdp OUT DATA.json STEPS ACCUMULATION SKIPPER   a plain loop, FSDP2
+                                                                     when launched on 2 processes
+
+Each rank writes OUT/trace.rank{R}.json: per optimizer step, what STS did in each forward
+(skipped layers, visual tokens kept) and, under FSDP or ZeRO-3, what was gathered: the FSDP
+modules, or ZeRO-3's parameters, by name.
+"""
+
+import json
+import sys
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+from torch.distributed.fsdp import fully_shard
+from torch.distributed.fsdp._fully_shard._fsdp_param_group import FSDPParamGroup
+
+import sts
+import sts.train
+from sts.adapters import get_adapter
+from sts.config import load_recipe
+from sts.data.llava import Collator, LlavaDataset
+from sts.distributed import rank, world_size
+from sts.models.tiny import TinyModelConfig, build_model, build_processor
+
+SIZES = TinyModelConfig(vision_hidden=32, vision_layers=1, text_hidden=64, text_layers=4, text_heads=2,
+                        text_intermediate=128)
+BATCH = 4
+gathered: list[str] = []
+trace: list[dict] = []
+original_unshard = FSDPParamGroup.unshard
+
+
+def counting_unshard(self, *args, **kwargs):
+    gathered.append(self._module_fqn)
+    return original_unshard(self, *args, **kwargs)
+
+
+def record_step(step: int, forwards: list[dict]) -> None:
+    """What the step's forwards did, and what FSDP gathered since the last step."""
+    forwards = [{key: forward[key] for key in ("skipped_layers", "visual_tokens_kept")} for forward in forwards]
+    trace.append({"step": step, "gathered": list(gathered), "forwards": forwards})
+    gathered.clear()
+
+
+def count_deepspeed_gathers() -> None:
+    """Record the parameters ZeRO-3 gathers (prefetches included), by their id until named."""
+    from deepspeed.runtime.zero.partitioned_param_coordinator import PartitionedParameterCoordinator as Coordinator
+
+    original = Coordinator._PartitionedParameterCoordinator__all_gather_params
+
+    def counting(self, params, forward):
+        gathered.extend(id(param) for param in params)
+        return original(self, params, forward)
+
+    Coordinator._PartitionedParameterCoordinator__all_gather_params = counting
+
+
+class TracingMeter(sts.train.StepMeter):
+    def on_step_end(self, args, state, control, **kwargs):
+        names = {id(param): name for name, param in self.model.named_parameters()}
+        gathered[:] = [names.get(item, item) for item in gathered]  # ZeRO-3's parameters by name
+        record_step(state.global_step, list(self.model._sts_state.history))  # before the meter drains them
+        super().on_step_end(args, state, control, **kwargs)
+
+
+def train_fsdp(out: Path, data: str, steps: int, accumulation: int, skipper: bool) -> None:
+    """The README's plain loop, with FSDP2 (`fully_shard` per decoder layer, then the root) when
+    there are several processes. Global batch per step: BATCH x processes x accumulation."""
+    if world_size() > 1:
+        dist.init_process_group("gloo")
+    model = build_model(SIZES, seed=0, base=False)
+    processor = build_processor(SIZES)
+    adapter = get_adapter(model)
+    adapter.set_trainable({"vision_tower": "frozen", "projector": "full", "language_model": "full"})
+    sts.apply_sts(model, {"vtc": {"strategy": "uniform"}, "lds": {"alpha": 0.9} if skipper else None})
+    if world_size() > 1:
+        for layer in adapter.decoder_layers():
+            fully_shard(layer)
+        fully_shard(model)
+    model.train()
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
+    dataset, collate = LlavaDataset(data, processor), Collator(processor.tokenizer.pad_token_id)
+    for step in range(steps):
+        sts.set_progress(model, step, steps)
+        for micro in range(accumulation):
+            first = (step * world_size() * accumulation + rank() * accumulation + micro) * BATCH
+            batch = collate([dataset[i] for i in range(first, first + BATCH)])
+            (model(**batch).loss / accumulation).backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        record_step(step + 1, sts.patch.drain_stats(model))
+    weights = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    if rank() == 0:
+        sts.remove_sts(model)
+        model.save_pretrained(out / "model", state_dict=weights)
+    if world_size() > 1:
+        dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    mode, out, *rest = sys.argv[1:]
+    out = Path(out)
+    FSDPParamGroup.unshard = counting_unshard
+    if mode == "recipe":
+        sts.train.StepMeter = TracingMeter
+        if any(value.startswith("distributed=zero") for value in rest):
+            count_deepspeed_gathers()
+        sts.train.run_recipe(load_recipe(rest[0], rest[1:]))
+    else:
+        data, steps, accumulation, skipper = rest
+        train_fsdp(out, data, int(steps), int(accumulation), skipper == "skipper")
+    (out / f"trace.rank{rank()}.json").write_text(json.dumps(trace))

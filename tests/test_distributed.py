@@ -1,0 +1,148 @@
+"""Data-parallel training on 2 CPU processes (gloo): DDP and DeepSpeed ZeRO-2/3 through `sts
+train`, FSDP2 through a plain loop (accelerate runs FSDP on GPUs only). Every launch is bounded by a timeout, so a hang
+fails the test instead of blocking it."""
+
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoModelForImageTextToText
+
+from sts.config import ConfigError
+from sts.models.tiny import build_model
+from sts.train import engine_arguments
+from tests.distributed_worker import SIZES
+
+WORKER = Path(__file__).with_name("distributed_worker.py")
+LAUNCH_TIMEOUT_S = 300
+
+
+def launch(processes: int, out: Path, *args: str) -> list[list[dict]]:
+    """Run the worker on `processes` processes; each rank's trace."""
+    out.mkdir(parents=True, exist_ok=True)
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={processes}"]
+    command = [*(launcher if processes > 1 else [sys.executable]), str(WORKER), args[0], str(out), *args[1:]]
+    environment = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(WORKER.parent.parent)}
+    done = subprocess.run(command, env=environment, capture_output=True, text=True, timeout=LAUNCH_TIMEOUT_S)
+    assert done.returncode == 0, done.stderr[-4000:]
+    return [json.loads((out / f"trace.rank{rank}.json").read_text()) for rank in range(processes)]
+
+
+def recipe(synth_data, out: Path, *overrides: str) -> list[str]:
+    sizes = [f"model.tiny.{key}={value}" for key, value in SIZES.model_dump().items()]
+    return ["recipe", "demo", f"data.train={synth_data['train']}", f"stages.0.data.train={synth_data['align']}",
+            f"output_dir={out}", "model.base=false", "stages.0.max_steps=2", "stages.1.max_steps=3",
+            "stages.0.batch_size=4", "stages.1.batch_size=4", *sizes, *overrides]
+
+
+def weights(folder: Path) -> dict[str, torch.Tensor]:
+    """A saved model's weights, as a single process of plain transformers loads them."""
+    return AutoModelForImageTextToText.from_pretrained(folder).state_dict()
+
+
+def assert_close(first: dict, second: dict, tolerance: float = 1e-4) -> None:
+    assert first.keys() == second.keys()
+    worst = max((first[key] - second[key]).abs().max().item() for key in first)
+    assert worst <= tolerance, f"weights differ by {worst}"
+
+
+def assert_ranks_agree(traces: list[list[dict]]) -> None:
+    """Every rank ran the same forwards: the same layers skipped, as many visual tokens kept."""
+    forwards = [[forward for step in trace for forward in step["forwards"]] for trace in traces]
+    assert forwards[0] and all(f == forwards[0] for f in forwards)
+
+
+def test_ddp_on_two_processes_trains_as_one_process_with_accumulation(synth_data, tmp_path):
+    compressor_only = ["vtc.strategy=uniform", "lds=null"]
+    traces = launch(2, tmp_path / "two", *recipe(synth_data, tmp_path / "two", *compressor_only))
+    launch(1, tmp_path / "one", *recipe(synth_data, tmp_path / "one", *compressor_only,
+                                        "stages.0.gradient_accumulation_steps=2",
+                                        "stages.1.gradient_accumulation_steps=2"))
+    assert_ranks_agree(traces)
+    assert any(forward["visual_tokens_kept"] < 4 * 64 for step in traces[0] for forward in step["forwards"])
+    for stage in ("align", "instruct"):
+        assert_close(weights(tmp_path / "two" / stage / "model"), weights(tmp_path / "one" / stage / "model"))
+
+
+def test_ddp_ranks_skip_the_same_layers(synth_data, tmp_path):
+    traces = launch(2, tmp_path, *recipe(synth_data, tmp_path / "run", "lds.alpha=0.9", "stages.1.max_steps=4",
+                                         "stages.1.save_steps=2"))
+    assert_ranks_agree(traces)
+    assert any(forward["skipped_layers"] for step in traces[0] for forward in step["forwards"])
+    initial = build_model(SIZES, seed=0, base=False).state_dict()
+    for folder in (tmp_path / "run" / "instruct" / "model", tmp_path / "run" / "instruct" / "checkpoint-2"):
+        saved = weights(folder)
+        assert saved.keys() == initial.keys()
+
+
+def test_fsdp_on_two_processes_trains_as_one_process_with_accumulation(synth_data, tmp_path):
+    traces = launch(2, tmp_path / "two", "fsdp", str(synth_data["train"]), "3", "1", "no-skipper")
+    launch(1, tmp_path / "one", "fsdp", str(synth_data["train"]), "3", "2", "no-skipper")
+    assert_ranks_agree(traces)
+    trained, reference = weights(tmp_path / "two" / "model"), weights(tmp_path / "one" / "model")
+    assert_close(trained, reference)
+    initial = build_model(SIZES, seed=0, base=False).state_dict()
+    assert not torch.equal(trained["lm_head.weight"], initial["lm_head.weight"]), "the sharded run trained"
+
+
+def assert_only_layers_run_are_gathered(steps: list[dict]) -> None:
+    """At every step, the decoder layers whose parameters were gathered are exactly those not
+    skipped; and some step skipped a layer."""
+    for step in steps:
+        skipped = set(step["forwards"][0]["skipped_layers"])
+        gathered = {int(found.group(1)) for name in step["gathered"]
+                    if (found := re.search(r"language_model\.layers\.(\d+)", str(name)))}
+        assert gathered == set(range(SIZES.text_layers)) - skipped, f"step {step['step']}"
+    assert any(step["forwards"][0]["skipped_layers"] for step in steps)
+
+
+def test_fsdp_never_gathers_a_skipped_layer(synth_data, tmp_path):
+    traces = launch(2, tmp_path, "fsdp", str(synth_data["train"]), "4", "1", "skipper")
+    assert_ranks_agree(traces)
+    assert_only_layers_run_are_gathered(traces[0])
+
+
+@pytest.mark.parametrize("engine", ["zero2", "zero3"])
+def test_deepspeed_zero_trains_with_the_skipper_on(engine, synth_data, tmp_path):
+    traces = launch(2, tmp_path, *recipe(synth_data, tmp_path / "run", f"distributed={engine}", "lds.alpha=0.9",
+                                         "stages.1.max_steps=4"))
+    assert_ranks_agree(traces)
+    if engine == "zero3":  # the shipped config does not prefetch: prefetching follows the last step's layers
+        assert_only_layers_run_are_gathered(traces[0][2:])  # instruction tuning, after alignment's 2 steps
+    initial = build_model(SIZES, seed=0, base=False).state_dict()
+    trained = weights(tmp_path / "run" / "instruct" / "model")
+    assert trained.keys() == initial.keys()
+    assert not torch.equal(trained["lm_head.weight"], initial["lm_head.weight"])
+
+
+def test_log_lines_of_a_distributed_run_name_their_rank(monkeypatch):
+    import logging
+
+    from transformers.utils import logging as hf_logging
+
+    from sts.distributed import label_logs_with_rank
+
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    handler = hf_logging.get_logger().handlers[0]
+    monkeypatch.setattr(handler, "formatter", handler.formatter)  # restored after the test
+    label_logs_with_rank()
+    line = logging.LogRecord("transformers.trainer", logging.WARNING, __file__, 1, "saving", None, None)
+    assert handler.format(line) == "[rank 1] WARNING transformers.trainer: saving"
+
+
+def test_engines_that_cannot_run_here_are_refused_in_one_line(monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    model = build_model(SIZES, seed=0, base=False)
+    with pytest.raises(ConfigError, match="distributed: fsdp"):
+        engine_arguments("fsdp", None, model, unused_parameters=False)
+    assert engine_arguments("ddp", None, model, unused_parameters=True)["ddp_find_unused_parameters"]
+    monkeypatch.setattr("importlib.util.find_spec", lambda name: None)
+    with pytest.raises(ConfigError, match="needs DeepSpeed"):
+        engine_arguments("zero3", None, model, unused_parameters=False)
