@@ -69,10 +69,11 @@ def test_ddp_on_two_processes_trains_as_one_process_with_accumulation(synth_data
         assert_close(weights(tmp_path / "two" / stage / "model"), weights(tmp_path / "one" / stage / "model"))
 
 
-def test_ddp_ranks_skip_the_same_layers(synth_data, tmp_path):
+def test_ddp_ranks_skip_the_same_layers_in_every_micro_batch(synth_data, tmp_path):
     traces = launch(2, tmp_path, *recipe(synth_data, tmp_path / "run", "lds.alpha=0.9", "stages.1.max_steps=4",
-                                         "stages.1.save_steps=2"))
+                                         "stages.1.gradient_accumulation_steps=2", "stages.1.save_steps=2"))
     assert_ranks_agree(traces)
+    assert all(len(step["forwards"]) == 2 for step in traces[0][2:])
     assert any(forward["skipped_layers"] for step in traces[0] for forward in step["forwards"])
     initial = build_model(SIZES, seed=0, base=False).state_dict()
     for folder in (tmp_path / "run" / "instruct" / "model", tmp_path / "run" / "instruct" / "checkpoint-2"):
@@ -110,14 +111,15 @@ def test_fsdp_never_gathers_a_skipped_layer(synth_data, tmp_path):
 @pytest.mark.parametrize("engine", ["zero2", "zero3"])
 def test_deepspeed_zero_trains_with_the_skipper_on(engine, synth_data, tmp_path):
     traces = launch(2, tmp_path, *recipe(synth_data, tmp_path / "run", f"distributed={engine}", "lds.alpha=0.9",
-                                         "stages.1.max_steps=4"))
+                                         "stages.1.max_steps=4", "stages.1.save_steps=2"))
     assert_ranks_agree(traces)
     if engine == "zero3":  # the shipped config does not prefetch: prefetching follows the last step's layers
         assert_only_layers_run_are_gathered(traces[0][2:])  # instruction tuning, after alignment's 2 steps
     initial = build_model(SIZES, seed=0, base=False).state_dict()
-    trained = weights(tmp_path / "run" / "instruct" / "model")
-    assert trained.keys() == initial.keys()
-    assert not torch.equal(trained["lm_head.weight"], initial["lm_head.weight"])
+    for folder in ("model", "checkpoint-2"):  # the model, and a checkpoint saved while training
+        trained = weights(tmp_path / "run" / "instruct" / folder)
+        assert trained.keys() == initial.keys()
+        assert not torch.equal(trained["lm_head.weight"], initial["lm_head.weight"])
 
 
 def test_log_lines_of_a_distributed_run_name_their_rank(monkeypatch):
