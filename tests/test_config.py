@@ -36,6 +36,10 @@ def test_overrides_set_nested_keys(tmp_path):
     ("stages.0.learning_rate=-1", "stages.0.learning_rate"),
     ("stages.0.train.projector=half", "stages.0.train.projector"),
     ("model.tiny.text_layerz=2", "model.tiny.text_layerz"),
+    ("stages.0.train.projector=frozen", "stages.0.train"),  # a stage that trains nothing
+    ("model.path=/no/such/checkpoint", "model.path"),
+    ("stages.0.on_nonfinite_loss=maybe", "stages.0.on_nonfinite_loss"),
+    ("distributed=horovod", "distributed"),
 ])
 def test_bad_key_or_value_is_one_line_naming_the_key(tmp_path, override, key):
     with pytest.raises(ConfigError) as error:
@@ -93,3 +97,8 @@ def test_a_stage_block_wins_over_the_recipe_block_in_that_stage_only(tmp_path):
 def test_a_stage_block_may_not_name_stages(tmp_path):
     with pytest.raises(ConfigError, match="stages.1.vtc"):
         load_recipe(write(tmp_path, STAGED), ["stages.1.vtc={strategy: pool, stages: [align]}"])
+
+
+def test_dropping_steps_is_refused_where_deepspeed_owns_the_optimizer(tmp_path):
+    with pytest.raises(ConfigError, match="stages.0.on_nonfinite_loss"):
+        load_recipe(write(tmp_path, GOOD), ["distributed=zero3", "stages.0.on_nonfinite_loss=skip"])

@@ -98,7 +98,7 @@ def test_a_broken_record_is_named_by_file_and_index(tmp_path):
 
     path = tmp_path / "bad.json"
     path.write_text('[{"id": "ok", "conversations": []}, {"id": "no-turns"}]')
-    with pytest.raises(ValueError, match=r"bad.json, record 1 \(no-turns\): no 'conversations' list"):
+    with pytest.raises(ValueError, match=r"bad.json, record 1 \(id no-turns\): no 'conversations' list"):
         Records(path)[1]
     (tmp_path / "open.json").write_text('[{"id": "x", "conversations": [')
     with pytest.raises(ValueError, match="open.json is not a JSON list"):
@@ -127,17 +127,21 @@ def test_indexing_memory_does_not_grow_with_the_file(tmp_path, monkeypatch):
 
 
 def test_max_length_cuts_text_but_never_an_image(synth_data, processor):
+    import pytest
+
+    from sts.data.llava import DataError
+
     full = LlavaDataset(synth_data["train"], processor)[0]
     patches = (IMAGE_SIZE // processor.patch_size) ** 2
-    image = processor.tokenizer.convert_tokens_to_ids(processor.image_token)
-    last_image = int((full["input_ids"] == image).nonzero()[-1])
-    cut = LlavaDataset(synth_data["train"], processor, max_length=last_image + 4)[0]
-    assert torch.equal(cut["input_ids"], full["input_ids"][: last_image + 4])
-    assert torch.equal(cut["labels"], full["labels"][: last_image + 4])
+    first_answer = int((full["labels"] != IGNORE_INDEX).nonzero()[0])
+    cut = LlavaDataset(synth_data["train"], processor, max_length=first_answer + 1)[0]
+    assert torch.equal(cut["input_ids"], full["input_ids"][: first_answer + 1])
+    assert torch.equal(cut["labels"], full["labels"][: first_answer + 1])
     assert torch.equal(cut["pixel_values"], full["pixel_values"])
-    inside = LlavaDataset(synth_data["train"], processor, max_length=5)[0]
-    assert int((inside["input_ids"] == image).sum()) == patches, "a cut inside the image moves after it"
-    assert len(inside["input_ids"]) == last_image + 1
+    with pytest.raises(DataError, match=f"record 0 .*: its images take {patches} tokens, more than max_length 5"):
+        LlavaDataset(synth_data["train"], processor, max_length=5)[0]
+    with pytest.raises(DataError, match=f"max_length {first_answer} leaves nothing to train on"):
+        LlavaDataset(synth_data["train"], processor, max_length=first_answer)[0]
 
 
 def test_samples_are_encoded_in_dataloader_workers_without_a_cache(synth_data, processor):
@@ -171,7 +175,7 @@ def test_length_grouped_batches_hold_records_of_similar_length(synth_data, proce
     from transformers import TrainingArguments
 
     from sts.models.tiny import build_model
-    from sts.train import LengthGroupedTrainer
+    from sts.trainer import RecipeTrainer
     from tests.conftest import TEST_SIZES
 
     records = json.loads(synth_data["train"].read_text())
@@ -181,7 +185,8 @@ def test_length_grouped_batches_hold_records_of_similar_length(synth_data, proce
     mixed.write_text(json.dumps(records + text_only))
     dataset = LlavaDataset(mixed, processor, images=synth_data["train"].parent)
     args = TrainingArguments(output_dir=str(tmp_path), per_device_train_batch_size=8, report_to="none", use_cpu=True)
-    trainer = LengthGroupedTrainer(model=build_model(TEST_SIZES, base=False), args=args, train_dataset=dataset)
+    trainer = RecipeTrainer(model=build_model(TEST_SIZES, base=False), args=args, train_dataset=dataset,
+                            stage_name="test", group_by_length=True)
     order = list(trainer._get_train_sampler())
     lengths = dataset.lengths()
     assert sorted(order) == list(range(len(dataset)))

@@ -2,11 +2,7 @@
 train`, FSDP2 through a plain loop (accelerate runs FSDP on GPUs only). Every launch is bounded by a timeout, so a hang
 fails the test instead of blocking it."""
 
-import json
-import os
 import re
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -16,28 +12,7 @@ from transformers import AutoModelForImageTextToText
 from sts.config import ConfigError
 from sts.models.tiny import build_model
 from sts.train import engine_arguments
-from tests.distributed_worker import SIZES
-
-WORKER = Path(__file__).with_name("distributed_worker.py")
-LAUNCH_TIMEOUT_S = 300
-
-
-def launch(processes: int, out: Path, *args: str) -> list[list[dict]]:
-    """Run the worker on `processes` processes; each rank's trace."""
-    out.mkdir(parents=True, exist_ok=True)
-    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={processes}"]
-    command = [*(launcher if processes > 1 else [sys.executable]), str(WORKER), args[0], str(out), *args[1:]]
-    environment = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(WORKER.parent.parent)}
-    done = subprocess.run(command, env=environment, capture_output=True, text=True, timeout=LAUNCH_TIMEOUT_S)
-    assert done.returncode == 0, done.stderr[-4000:]
-    return [json.loads((out / f"trace.rank{rank}.json").read_text()) for rank in range(processes)]
-
-
-def recipe(synth_data, out: Path, *overrides: str) -> list[str]:
-    sizes = [f"model.tiny.{key}={value}" for key, value in SIZES.model_dump().items()]
-    return ["recipe", "demo", f"data.train={synth_data['train']}", f"stages.0.data.train={synth_data['align']}",
-            f"output_dir={out}", "model.base=false", "stages.0.max_steps=2", "stages.1.max_steps=3",
-            "stages.0.batch_size=4", "stages.1.batch_size=4", *sizes, *overrides]
+from tests.traced_run import SIZES, launch, recipe
 
 
 def weights(folder: Path) -> dict[str, torch.Tensor]:

@@ -14,6 +14,28 @@ def cmd_data(args) -> None:
                                zip(paths.values(), [args.align, args.train, args.test][-len(paths):])))
 
 
+def cmd_data_check(args) -> int:
+    from functools import partial
+
+    from tqdm import tqdm
+
+    from sts.config import ConfigError
+    from sts.data.check import load_processor, problems
+    from sts.data.llava import LlavaDataset
+
+    if args.max_length is not None and args.max_length < 1:
+        raise ConfigError(f"--max-length {args.max_length}: expected a positive number of tokens")
+    processor = load_processor(args.model) if args.max_length else None
+    dataset = LlavaDataset(args.data, processor, args.images, args.template, max_length=args.max_length)
+    encode = partial(dataset.encoded, max_length=args.max_length) if args.max_length else None
+    bad = 0
+    for message in problems(dataset.records, dataset.images_dir, encode=encode):
+        tqdm.write(message)
+        bad += 1
+    print(f"{len(dataset)} records, {bad} bad")
+    return 1 if bad else 0
+
+
 def cmd_train(args) -> None:
     from sts.config import load_recipe
     from sts.distributed import is_main, label_logs_with_rank
@@ -21,9 +43,17 @@ def cmd_train(args) -> None:
 
     label_logs_with_rank()
     result = run_recipe(load_recipe(args.config, args.overrides))
-    if is_main():
-        print(f"trained {len(result['stages'])} stage(s) in {result['train_seconds']:.1f}s; "
-              f"model: {result['model_dir']}")
+    if not is_main():
+        return
+    trained = [stage for stage in result["stages"] if not stage.get("done_before")]
+    print(f"trained {len(trained)} stage(s) in {result['train_seconds']:.1f}s; model: {result['model_dir']}")
+    for stage in result["stages"]:
+        if stage.get("done_before"):
+            print(f"  {stage['name']}: finished before this run (resume), kept")
+        elif stage["dropped_steps"]:
+            print(f"  {stage['name']}: dropped step(s) {stage['dropped_steps']}, whose loss was not finite")
+    for path, count in result["skipped_records"].items():
+        print(f"  {path}: skipped {count} bad record(s) (data.on_bad_sample: skip; the warnings name them)")
 
 
 def cmd_eval(args) -> None:
@@ -96,6 +126,17 @@ def build_parser() -> argparse.ArgumentParser:
     synth.add_argument("--align", type=int, default=4000, help="caption records for alignment (align.json); 0: none")
     synth.add_argument("--seed", type=int, default=0)
     synth.set_defaults(run=cmd_data)
+    check = data.add_parser("check", help="find every bad record of a LLaVA-format JSON file (one line each); "
+                                          "exit status 1 if there is one")
+    check.add_argument("data", help="the LLaVA-format JSON file")
+    check.add_argument("--images", help="image folder; defaults to the JSON file's folder")
+    check.add_argument("--max-length", type=int, help="also check that every sample, encoded and truncated as "
+                                                      "training does, keeps its images whole and an answer to train on")
+    check.add_argument("--model", help="a local checkpoint folder whose processor encodes for --max-length "
+                                       "(default: the embedded tiny model's)")
+    check.add_argument("--template", choices=["chat", "plain"], default="chat", help="the format --max-length "
+                                                                                     "encodes in (data.template)")
+    check.set_defaults(run=cmd_data_check)
 
     train = commands.add_parser("train", help="run a recipe of stages")
     train.add_argument("config", help="a YAML recipe, or a shipped recipe's name (e.g. demo)")
@@ -137,13 +178,14 @@ def main(argv: list[str] | None = None) -> int:
     from sts.adapters import UnsupportedModelError
     from sts.config import ConfigError
     from sts.data.llava import DataError
+    from sts.trainer import TrainingError
 
     try:
-        args.run(args)
-    except (ConfigError, DataError, FileNotFoundError, UnsupportedModelError) as error:
-        print(f"sts: error: {error}", file=sys.stderr)
+        status = args.run(args)
+    except (ConfigError, DataError, FileNotFoundError, UnsupportedModelError, TrainingError) as error:
+        print(f"sts: error: {error.headline if isinstance(error, DataError) else error}", file=sys.stderr)
         return 2
-    return 0
+    return status or 0
 
 
 if __name__ == "__main__":

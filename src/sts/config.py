@@ -6,7 +6,7 @@ from pathlib import Path
 from typing import Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 RECIPES_DIR = Path(__file__).resolve().parent / "configs"
 
@@ -108,6 +108,9 @@ class DataConfig(Strict):
                         "encoded before training: for small data (the demo) only")
     max_length: int | None = Field(default=None, gt=0, description="truncate samples' text to this many tokens; "
                                    "never inside an image's tokens")
+    on_bad_sample: Literal["error", "skip"] = Field(
+        default="error", description="a bad record (wrong turns, a missing or unreadable image, too long for "
+        "max_length): error stops the run naming the file and record; skip leaves it out, with a warning naming it")
 
 
 class StageConfig(Strict):
@@ -133,8 +136,18 @@ class StageConfig(Strict):
     save_total_limit: int | None = Field(default=None, ge=1, description="keep only the newest N checkpoints")
     resume_from_checkpoint: str | None = Field(
         default=None, description="a checkpoint folder of this stage (output_dir/<stage>/checkpoint-N), or 'latest'")
+    on_nonfinite_loss: Literal["error", "skip"] = Field(
+        default="error", description="a NaN or infinite loss: error stops the run naming the step; skip drops "
+        "that optimizer step (its gradients are discarded) and goes on")
     vtc: VTCConfig | None = Field(default=None, description="this stage's own compressor; wins over the recipe's")
     lds: LDSConfig | None = Field(default=None, description="this stage's own skipper; wins over the recipe's")
+
+    @field_validator("train")
+    @classmethod
+    def trains_something(cls, parts: PartsConfig) -> PartsConfig:
+        if all(mode == "frozen" for mode in parts.model_dump().values()):
+            raise ValueError("every part is frozen: the stage would train nothing")
+        return parts
 
     @field_validator("vtc", "lds")
     @classmethod
@@ -156,6 +169,15 @@ class ModelConfig(Strict):
     path: str | None = Field(default=None, description="a local checkpoint; None builds the tiny model")
     tiny: TinyModelConfig = TinyModelConfig()
     base: bool = Field(default=True, description="tiny model: start from the shipped pre-trained tower and LM")
+    trust_remote_code: bool = Field(default=False, description="run Python code shipped with the checkpoint "
+                                    "(its auto_map); off: only transformers' own model classes load")
+
+    @field_validator("path")
+    @classmethod
+    def a_checkpoint(cls, path: str | None) -> str | None:
+        if path is not None and not (Path(path) / "config.json").is_file():
+            raise ValueError(f"{path} is not a model checkpoint folder (no config.json)")
+        return path
 
 
 class RecipeConfig(Strict):
@@ -166,6 +188,8 @@ class RecipeConfig(Strict):
     lds: LDSConfig | None = None
     output_dir: str = "runs/train"
     seed: int = 0
+    resume: bool = Field(default=False, description="continue an interrupted run in output_dir: finished stages "
+                         "are kept, the unfinished one goes on from its newest checkpoint (stages.N.save_steps)")
     distributed: Literal["ddp", "fsdp", "zero2", "zero3"] = Field(
         default="ddp", description="how the processes of a torchrun / accelerate launch share the work: ddp "
         "replicates the model; fsdp shards it per decoder layer (FSDP2); zero2 / zero3: DeepSpeed ZeRO with the "
@@ -180,6 +204,14 @@ class RecipeConfig(Strict):
         if len(set(names)) != len(names):
             raise ValueError(f"stage names must be unique (each names its output folder), got {names}")
         return stages
+
+    @model_validator(mode="after")
+    def skipping_steps_needs_our_optimizer(self) -> RecipeConfig:
+        for index, stage in enumerate(self.stages):
+            if self.distributed.startswith("zero") and stage.on_nonfinite_loss == "skip":
+                raise ValueError(f"stages.{index}.on_nonfinite_loss: skip cannot drop a step of DeepSpeed's own "
+                                 f"optimizer; use error with distributed: {self.distributed}")
+        return self
 
     def sts_for(self, stage: StageConfig) -> STSConfig:
         """The STS blocks active in this stage (none for a plain stage): the stage's own block,
@@ -234,6 +266,7 @@ def parse(schema: type[BaseModel], tree: dict):
         return schema.model_validate(tree)
     except ValidationError as error:
         first = error.errors()[0]
-        where = ".".join(str(part) for part in first["loc"]) or "<root>"
+        where = ".".join(str(part) for part in first["loc"])
+        message = first["msg"].removeprefix("Value error, ")
         more = f" (and {error.error_count() - 1} more)" if error.error_count() > 1 else ""
-        raise ConfigError(f"config error at {where}: {first['msg']}{more}") from None
+        raise ConfigError(f"config error{f' at {where}' if where else ''}: {message}{more}") from None

@@ -13,7 +13,8 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from sts.data.llava import Records, image_paths, open_image, to_messages
+from sts.data.check import problems
+from sts.data.llava import DataError, Records, image_paths, open_image, to_messages
 
 
 def questions(records: list[dict]) -> list[dict]:
@@ -58,12 +59,15 @@ def evaluate(model_dir: str | Path, data: str | Path, images: str | Path | None 
     """Exact-match accuracy overall and per question type."""
     from sts.train import load_model_and_processor
 
+    stored = Records(data)
+    count = len(stored) if limit is None else min(limit, len(stored))
+    images_dir = Path(images) if images else Path(data).parent
+    problem = next(problems(stored, images_dir, count), None)
+    if problem is not None:
+        raise DataError(problem)
     model, processor = load_model_and_processor(model_dir)
     model.eval()
-    stored = Records(data)
-    records = [stored[i] for i in range(len(stored) if limit is None else min(limit, len(stored)))]
-    items = questions(records)
-    images_dir = Path(images) if images else Path(data).parent
+    items = questions([stored[i] for i in range(count)])
     predictions = answer(model, processor, items, images_dir, batch_size, max_new_tokens)
     hits = defaultdict(list)
     for item, prediction in zip(items, predictions):

@@ -10,6 +10,7 @@ import contextlib
 import importlib.util
 import logging
 import os
+import shutil
 import threading
 import time
 from pathlib import Path
@@ -18,37 +19,50 @@ import torch
 from transformers import (
     AutoModelForImageTextToText,
     AutoProcessor,
-    Trainer,
     TrainerCallback,
     TrainingArguments,
     set_seed,
 )
-from transformers.trainer_pt_utils import LengthGroupedSampler
 
 from sts.adapters import get_adapter
 from sts.callback import STSCallback
 from sts.config import ConfigError, RecipeConfig, StageConfig, STSConfig
 from sts.data.llava import Collator, LlavaDataset
-from sts.distributed import world_size
+from sts.distributed import is_main, world_size
 from sts.flops import Shapes, train_step_flops
 from sts.lds import can_skip
 from sts.models import tiny
 from sts.patch import apply_sts, drain_stats, remove_sts
+from sts.trainer import STAGING, RecipeTrainer
 
 DEEPSPEED_CONFIGS = Path(__file__).resolve().parent / "configs" / "deepspeed"
 
 
-def load_model_and_processor(path: str | Path):
-    """A local checkpoint folder; sts never downloads weights."""
+def load_model_and_processor(path: str | Path, trust_remote_code: bool = False):
+    """A local checkpoint folder; sts never downloads weights, and reads them only from
+    safetensors (a pickled .bin file can run code when loaded)."""
+    return load_model(path, trust_remote_code), AutoProcessor.from_pretrained(path, trust_remote_code=trust_remote_code)
+
+
+def load_model(path: str | Path, trust_remote_code: bool = False):
     if not (Path(path) / "config.json").exists():
         raise FileNotFoundError(f"no model checkpoint (config.json) in {path}")
-    model = AutoModelForImageTextToText.from_pretrained(path, dtype=torch.float32)
-    return model, AutoProcessor.from_pretrained(path)
+    if not any(Path(path).glob("*.safetensors")):
+        raise FileNotFoundError(f"no safetensors weights in {path}: sts does not load pickled weights (.bin), "
+                                "which can run code; convert them with save_pretrained(safe_serialization=True)")
+    try:
+        return AutoModelForImageTextToText.from_pretrained(path, dtype=torch.float32, use_safetensors=True,
+                                                           trust_remote_code=trust_remote_code)
+    except ValueError as error:
+        if "trust_remote_code" not in str(error):
+            raise
+        raise ConfigError(f"model.path: {path} needs its own Python code to load; set model.trust_remote_code=true "
+                          "if you trust it") from None
 
 
 def initial_model(cfg: RecipeConfig):
     if cfg.model.path:
-        return load_model_and_processor(cfg.model.path)
+        return load_model_and_processor(cfg.model.path, cfg.model.trust_remote_code)
     model = tiny.build_model(cfg.model.tiny, seed=cfg.seed, base=cfg.model.base)
     return model, tiny.build_processor(cfg.model.tiny)
 
@@ -168,33 +182,26 @@ class PeakMemory:
         return self.peak / 2**30
 
 
-class LengthGroupedTrainer(Trainer):
-    """A Trainer whose batches hold records of similar length, from `LlavaDataset.lengths()`
-    (the Trainer's own grouping would encode every record, images included, to learn it)."""
-
-    def _get_train_sampler(self, train_dataset=None):
-        dataset = train_dataset if train_dataset is not None else self.train_dataset
-        batch = self.args.train_batch_size * self.args.gradient_accumulation_steps
-        return LengthGroupedSampler(batch, lengths=dataset.lengths(),
-                                    generator=torch.Generator().manual_seed(self.args.data_seed or self.args.seed))
-
-
-def checkpoint_to_resume(stage: StageConfig, output_dir: Path) -> Path | None:
-    """The stage's `resume_from_checkpoint`: a folder, or 'latest' (its newest checkpoint-N)."""
-    if stage.resume_from_checkpoint is None:
-        return None
-    if stage.resume_from_checkpoint != "latest":
+def checkpoint_to_resume(stage: StageConfig, output_dir: Path, resuming_run: bool = False) -> Path | None:
+    """The stage's `resume_from_checkpoint`: a folder, or 'latest' (its newest checkpoint-N); in a
+    resumed run (`resume: true`), its newest checkpoint if it has one."""
+    if stage.resume_from_checkpoint not in (None, "latest"):
         folder = Path(stage.resume_from_checkpoint)
-    else:
+    elif stage.resume_from_checkpoint == "latest" or resuming_run:
         saved = sorted(output_dir.glob("checkpoint-*"), key=lambda path: int(path.name.split("-")[1]))
+        if not saved and resuming_run:
+            return None
         folder = saved[-1] if saved else output_dir / "checkpoint-<none>"
+    else:
+        return None
     if not (folder / "trainer_state.json").exists():
         raise FileNotFoundError(f"stages.{stage.name}.resume_from_checkpoint: no Trainer checkpoint at {folder}")
     return folder
 
 
 def run_stage(stage: StageConfig, model, processor, dataset, output_dir: Path, seed: int,
-              sts: STSConfig | None = None, distributed: str = "ddp", deepspeed_config: str | None = None) -> dict:
+              sts: STSConfig | None = None, distributed: str = "ddp", deepspeed_config: str | None = None,
+              resuming_run: bool = False) -> dict:
     """Train one stage; STS is always attached (an empty config enables nothing) so that every
     stage, baseline included, is metered the same way. A resumed stage starts from its
     checkpoint's weights (loaded here: transformers 5.24's Trainer reloads them without the key
@@ -202,9 +209,11 @@ def run_stage(stage: StageConfig, model, processor, dataset, output_dir: Path, s
     and the Trainer restores the optimizer, schedule, step and data order. In a run of several
     processes, rank 0 saves the model (gathered whole from FSDP or ZeRO-3 shards) and the others
     wait for it, so the next stage can load it."""
-    resume = checkpoint_to_resume(stage, output_dir)
+    resume = checkpoint_to_resume(stage, output_dir, resuming_run)
     if resume is not None:
-        model = AutoModelForImageTextToText.from_pretrained(resume, dtype=torch.float32)
+        model = load_model(resume)
+    if is_main():
+        shutil.rmtree(output_dir / STAGING, ignore_errors=True)  # what a killed run left half-written
     parts = stage.train.model_dump()
     get_adapter(model).set_trainable(parts)
     sts = sts or STSConfig()
@@ -214,7 +223,10 @@ def run_stage(stage: StageConfig, model, processor, dataset, output_dir: Path, s
     # one whose features the model uses (LLaVA reads the second-to-last).
     unused = can_skip(get_adapter(model).num_layers, sts.lds) or parts["vision_tower"] == "full"
     engine = engine_arguments(distributed, deepspeed_config, model, unused)
-    trainer = (LengthGroupedTrainer if stage.group_by_length else Trainer)(
+    trainer = RecipeTrainer(
+        stage_name=stage.name,
+        on_nonfinite_loss=stage.on_nonfinite_loss,
+        group_by_length=stage.group_by_length,
         model=model,
         args=training_arguments(stage, output_dir, seed, **engine),
         train_dataset=dataset,
@@ -230,8 +242,7 @@ def run_stage(stage: StageConfig, model, processor, dataset, output_dir: Path, s
         seconds = time.perf_counter() - started
     remove_sts(model)
     model_dir = output_dir / "model"
-    trainer.save_model(str(model_dir))  # with the processor: a folder from_pretrained reads whole
-    trainer.accelerator.wait_for_everyone()
+    trainer.save_model_whole(model_dir)  # with the processor: a folder from_pretrained reads whole
     samples = result.global_step * stage.batch_size * stage.gradient_accumulation_steps
     return {
         "name": stage.name,
@@ -243,6 +254,7 @@ def run_stage(stage: StageConfig, model, processor, dataset, output_dir: Path, s
         "peak_memory_gb": memory.gigabytes,
         "train_loss": result.training_loss,
         "losses": meter.points,
+        "dropped_steps": trainer.dropped_steps,
         "model_dir": str(model_dir),
     }
 
@@ -256,17 +268,23 @@ def run_recipe(cfg: RecipeConfig) -> dict:
     for data in map(cfg.data_for, cfg.stages):
         if data not in datasets:
             datasets[data] = LlavaDataset(data.train, processor, data.images, data.template, data.cache,
-                                          data.max_length)
+                                          data.max_length, data.on_bad_sample)
+            datasets[data].validate()  # a bad record stops the run (or is left out) before any training
             if data.cache:
                 datasets[data].encode_all()
     stages = []
     for index, stage in enumerate(cfg.stages):
+        finished = output_dir / stage.name / "model"
+        if cfg.resume and (finished / "config.json").exists():  # saved whole or not at all (RecipeTrainer)
+            stages.append({"name": stage.name, "seconds": 0.0, "done_before": True, "model_dir": str(finished)})
+            continue
         if index > 0:
             model, processor = load_model_and_processor(stages[-1]["model_dir"])
         stages.append(run_stage(stage, model, processor, datasets[cfg.data_for(stage)], output_dir / stage.name,
-                                cfg.seed, cfg.sts_for(stage), cfg.distributed, cfg.deepspeed_config))
+                                cfg.seed, cfg.sts_for(stage), cfg.distributed, cfg.deepspeed_config, cfg.resume))
     return {
         "model_dir": stages[-1]["model_dir"],
         "train_seconds": sum(s["seconds"] for s in stages),
         "stages": stages,
+        "skipped_records": {data.train: dataset.skipped for data, dataset in datasets.items() if dataset.skipped},
     }

@@ -1,16 +1,19 @@
-"""Run by `torchrun` (or alone, as the one-process reference) in the distributed tests.
+"""A run that records what it did at every step: run by `torchrun` in the distributed tests (or
+alone, as the one-process reference), and killed and resumed in the resume test.
 
-    distributed_worker.py recipe OUT RECIPE [key=value ...]   `sts train`, as a library call
+    traced_run.py recipe OUT RECIPE [key=value ...]   `sts train`, as a library call
                                                               (DDP, or DeepSpeed ZeRO)
-    distributed_worker.py fsdp OUT DATA.json STEPS ACCUMULATION SKIPPER   a plain loop, FSDP2
+    traced_run.py fsdp OUT DATA.json STEPS ACCUMULATION SKIPPER   a plain loop, FSDP2
                                                                      when launched on 2 processes
 
-Each rank writes OUT/trace.rank{R}.json: per optimizer step, what STS did in each forward
-(skipped layers, visual tokens kept) and, under FSDP or ZeRO-3, what was gathered: the FSDP
-modules, or ZeRO-3's parameters, by name.
+Each rank writes OUT/trace.rank{R}.json when the run ends: per optimizer step, what STS did in
+each forward (skipped layers, visual tokens kept), the logged loss (recipe runs) and, under FSDP or
+ZeRO-3, what was gathered: the FSDP modules, or ZeRO-3's parameters, by name.
 """
 
 import json
+import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -68,6 +71,11 @@ class TracingMeter(sts.train.StepMeter):
         record_step(state.global_step, list(self.model._sts_state.history))  # before the meter drains them
         super().on_step_end(args, state, control, **kwargs)
 
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if logs and "loss" in logs:
+            trace[-1]["loss"] = logs["loss"]
+        super().on_log(args, state, control, logs=logs, **kwargs)
+
 
 def train_fsdp(out: Path, data: str, steps: int, accumulation: int, skipper: bool) -> None:
     """The README's plain loop, with FSDP2 (`fully_shard` per decoder layer, then the root) when
@@ -101,6 +109,33 @@ def train_fsdp(out: Path, data: str, steps: int, accumulation: int, skipper: boo
         model.save_pretrained(out / "model", state_dict=weights)
     if world_size() > 1:
         dist.destroy_process_group()
+
+
+LAUNCH_TIMEOUT_S = 300
+
+
+def command(processes: int, out: Path, *args: str) -> tuple[list[str], dict]:
+    """The command line and environment that run this script on `processes` processes."""
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={processes}"]
+    line = [*(launcher if processes > 1 else [sys.executable]), __file__, args[0], str(out), *args[1:]]
+    return line, {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).parent.parent)}
+
+
+def launch(processes: int, out: Path, *args: str) -> list[list[dict]]:
+    """Run this script to the end, bounded by a timeout (a hang fails); each rank's trace."""
+    out.mkdir(parents=True, exist_ok=True)
+    line, environment = command(processes, out, *args)
+    done = subprocess.run(line, env=environment, capture_output=True, text=True, timeout=LAUNCH_TIMEOUT_S)
+    assert done.returncode == 0, done.stderr[-4000:]
+    return [json.loads((out / f"trace.rank{rank}.json").read_text()) for rank in range(processes)]
+
+
+def recipe(synth_data, out: Path, *overrides: str) -> list[str]:
+    """Arguments of a recipe run: the demo recipe on the test data and SIZES, short stages."""
+    sizes = [f"model.tiny.{key}={value}" for key, value in SIZES.model_dump().items()]
+    return ["recipe", "demo", f"data.train={synth_data['train']}", f"stages.0.data.train={synth_data['align']}",
+            f"output_dir={out}", "model.base=false", "stages.0.max_steps=2", "stages.1.max_steps=3",
+            "stages.0.batch_size=4", "stages.1.batch_size=4", *sizes, *overrides]
 
 
 if __name__ == "__main__":

@@ -1,0 +1,121 @@
+"""Interruption and numerics: a run killed with SIGKILL resumes and reproduces the uninterrupted
+run; checkpoints are whole or absent; a non-finite loss stops the run or drops its step."""
+
+import signal
+import subprocess
+import time
+
+import pytest
+import torch
+from transformers import AutoModelForImageTextToText
+
+from sts.config import load_recipe
+from sts.data.llava import LlavaDataset
+from sts.train import initial_model, run_stage
+from sts.trainer import STAGING, RecipeTrainer, TrainingError
+from tests.traced_run import LAUNCH_TIMEOUT_S, command, launch, recipe
+
+STEPS = 40
+# Instruction tuning with every random draw STS makes: skipped layers and a random token selection.
+INSTRUCT = [f"stages.1.max_steps={STEPS}", "stages.1.save_steps=5", "stages.1.logging_steps=1", "lds.alpha=0.9",
+            "stages.1.vtc={strategy: random, keep_ratio: 0.5}"]
+
+
+def kill_when_saved(line: list[str], environment: dict, checkpoint) -> int:
+    """Start a run and SIGKILL it as soon as `checkpoint` exists; the run's exit status."""
+    run = subprocess.Popen(line, env=environment, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + LAUNCH_TIMEOUT_S
+    while not checkpoint.exists() and run.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.01)
+    run.send_signal(signal.SIGKILL)
+    return run.wait()
+
+
+def test_a_run_killed_mid_stage_resumes_and_reproduces_the_uninterrupted_run(synth_data, tmp_path):
+    reference = launch(1, tmp_path / "reference", *recipe(synth_data, tmp_path / "reference" / "run", *INSTRUCT))[0]
+
+    killed = tmp_path / "killed" / "run"
+    line, environment = command(1, tmp_path / "killed", *recipe(synth_data, killed, *INSTRUCT))
+    assert kill_when_saved(line, environment, killed / "instruct" / "checkpoint-10") == -signal.SIGKILL
+    assert (killed / "align" / "model").exists() and not (killed / "instruct" / "model").exists()
+
+    resumed = launch(1, tmp_path / "killed", *recipe(synth_data, killed, *INSTRUCT, "resume=true"))[0]
+    assert resumed[0]["step"] > 10 and resumed[-1]["step"] == STEPS  # only instruction tuning's last steps ran
+    by_step = {step["step"]: step for step in reference[2:]}  # after alignment's 2 steps
+    for step in resumed:
+        expected = by_step[step["step"]]
+        assert step["forwards"] == expected["forwards"], f"step {step['step']}: skips or kept tokens differ"
+        assert step["loss"] == pytest.approx(expected["loss"], abs=1e-4), f"step {step['step']}"
+    assert any(forward["skipped_layers"] for step in resumed for forward in step["forwards"])
+    final = AutoModelForImageTextToText.from_pretrained(killed / "instruct" / "model").state_dict()
+    uninterrupted = AutoModelForImageTextToText.from_pretrained(
+        tmp_path / "reference" / "run" / "instruct" / "model").state_dict()
+    assert max((final[k] - uninterrupted[k]).abs().max().item() for k in final) < 1e-4
+
+
+def stage_run(synth_data, tmp_path, *overrides: str):
+    """What `run_stage` needs for the tiny recipe's first stage, with `overrides`."""
+    sizes = [f"model.tiny.{key}={value}" for key, value in
+             {"vision_hidden": 32, "vision_layers": 1, "text_hidden": 64, "text_layers": 2, "text_heads": 2,
+              "text_intermediate": 128}.items()]
+    cfg = load_recipe("demo", [f"data.train={synth_data['train']}", "stages.0.data=null", "model.base=false",
+                               "stages.0.batch_size=4", "stages.0.max_steps=4", "stages.0.save_steps=1",
+                               f"output_dir={tmp_path}", *sizes, *overrides])
+    model, processor = initial_model(cfg)
+    return cfg.stages[0], model, processor, LlavaDataset(synth_data["train"], processor)
+
+
+def test_a_checkpoint_is_whole_or_absent(synth_data, tmp_path, monkeypatch):
+    stage, model, processor, dataset = stage_run(synth_data, tmp_path)
+    original = RecipeTrainer._save_rng_state
+
+    def dies_at_step_3(self, output_dir):
+        if self.state.global_step == 3:
+            raise KeyboardInterrupt("killed while saving")
+        original(self, output_dir)
+
+    monkeypatch.setattr(RecipeTrainer, "_save_rng_state", dies_at_step_3)
+    with pytest.raises(KeyboardInterrupt):
+        run_stage(stage, model, processor, dataset, tmp_path / "align", seed=0)
+    saved = sorted(path.name for path in (tmp_path / "align").glob("checkpoint-*"))
+    assert saved == ["checkpoint-1", "checkpoint-2"]  # the half-written checkpoint-3 never took its name
+    assert (tmp_path / "align" / STAGING / "checkpoint-3").exists()
+
+    monkeypatch.setattr(RecipeTrainer, "_save_rng_state", original)
+    result = run_stage(stage, model, processor, dataset, tmp_path / "align", seed=0, resuming_run=True)
+    assert result["steps"] == 4 and not (tmp_path / "align" / STAGING).exists()
+
+
+def nan_logits_at(model, forward: int):
+    """Make the `forward`-th training forward's logits NaN (1-based)."""
+    calls = {"count": 0}
+
+    def poison(module, args, output):
+        calls["count"] += 1
+        return output * float("nan") if calls["count"] == forward else output
+
+    model.lm_head.register_forward_hook(poison)
+
+
+def test_a_nan_loss_stops_the_run_naming_stage_and_step(synth_data, tmp_path):
+    stage, model, processor, dataset = stage_run(synth_data, tmp_path)
+    nan_logits_at(model, 3)
+    with pytest.raises(TrainingError, match="stage align: the loss is nan at step 3"):
+        run_stage(stage, model, processor, dataset, tmp_path / "align", seed=0)
+    saved = sorted(path.name for path in (tmp_path / "align").glob("checkpoint-*"))
+    assert saved == ["checkpoint-1", "checkpoint-2"] and not (tmp_path / "align" / "model").exists()
+    weights = AutoModelForImageTextToText.from_pretrained(tmp_path / "align" / "checkpoint-2").state_dict()
+    assert all(torch.isfinite(value).all() for value in weights.values())
+
+
+def test_a_nan_loss_in_skip_mode_drops_that_step_only(synth_data, tmp_path):
+    stage, model, processor, dataset = stage_run(synth_data, tmp_path, "stages.0.on_nonfinite_loss=skip")
+    nan_logits_at(model, 3)
+    result = run_stage(stage, model, processor, dataset, tmp_path / "align", seed=0)
+    assert result["dropped_steps"] == [3] and result["steps"] == 4
+    after_2 = AutoModelForImageTextToText.from_pretrained(tmp_path / "align" / "checkpoint-2").state_dict()
+    after_3 = AutoModelForImageTextToText.from_pretrained(tmp_path / "align" / "checkpoint-3").state_dict()
+    final = AutoModelForImageTextToText.from_pretrained(tmp_path / "align" / "model").state_dict()
+    projector = next(key for key in final if "multi_modal_projector" in key)
+    assert torch.equal(after_2[projector], after_3[projector]), "the dropped step left the weights as they were"
+    assert not torch.equal(after_3[projector], final[projector]) and torch.isfinite(final[projector]).all()
