@@ -26,6 +26,26 @@ def test_labels_cover_exactly_the_answers(synth_data, processor):
         assert tokenizer.convert_ids_to_tokens(sample["labels"][labelled].tolist()) == expected
 
 
+def test_answers_before_between_and_after_images_are_labelled_where_they_land(synth_data, processor, tmp_path):
+    """Images in later turns: an answer before an image is not shifted by that image's tokens."""
+    records = json.loads(synth_data["train"].read_text())[:3]
+    turns = [dict(turn) for turn in records[0]["conversations"][:2] + records[1]["conversations"][:2]]
+    turns[0]["value"] = turns[0]["value"].replace("<image>\n", "")
+    later_image = {"id": "later", "image": records[0]["image"], "conversations": [dict(t) for t in turns]}
+    two_images = {"id": "two", "image": [records[0]["image"], records[1]["image"]], "conversations": [
+        dict(turns[0], value="<image>\n" + turns[0]["value"]), turns[1], turns[2], turns[3]]}
+    path = tmp_path / "later.json"
+    path.write_text(json.dumps([later_image, two_images]))
+    dataset = LlavaDataset(path, processor, images=synth_data["train"].parent)
+    tokenizer = processor.tokenizer
+    for index, record in enumerate(json.loads(path.read_text())):
+        sample = dataset[index]
+        labelled = sample["labels"] != IGNORE_INDEX
+        answers = [t["value"] for t in record["conversations"][1::2]]
+        assert tokenizer.convert_ids_to_tokens(sample["labels"][labelled].tolist()) == \
+            [token for answer in answers for token in (answer, tokenizer.eos_token)], record["id"]
+
+
 def test_image_tokens_expanded_as_the_processor_does(synth_data, processor):
     dataset = LlavaDataset(synth_data["train"], processor)
     sample = dataset[0]

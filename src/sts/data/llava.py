@@ -157,18 +157,43 @@ def encode(processor, record: dict, images_dir: Path, template: str = "chat") ->
     inputs.pop("token_type_ids", None)
     tokenizer = processor.tokenizer
 
-    def count_tokens(chars: int) -> int:
-        return len(tokenizer(text[:chars])["input_ids"])
+    expanded = expanded_positions(tokenizer(text)["input_ids"], input_ids.tolist(), visual_token_ids(processor))
 
-    # The processor expands each image placeholder into many tokens: every boundary after
-    # the images move by the same number of positions (answers come after every image).
-    expansion = len(input_ids) - count_tokens(len(text))
+    def position(chars: int) -> int:
+        """Where the text's first `chars` characters end among the expanded tokens."""
+        return expanded[len(tokenizer(text[:chars])["input_ids"])]
+
     labels = torch.full_like(input_ids, IGNORE_INDEX)
     for start, end in spans:
-        first, last = count_tokens(start) + expansion, count_tokens(end) + expansion
-        labels[first:last] = input_ids[first:last]
+        labels[position(start):position(end)] = input_ids[position(start):position(end)]
     per_token = {k: v[0] for k, v in inputs.items() if v.dim() == 2 and v.shape == (1, len(input_ids))}
     return {"input_ids": input_ids, "labels": labels, **inputs, **per_token}
+
+
+def visual_token_ids(processor) -> set[int]:
+    """The ids of the placeholder tokens the processor expands into an image's (or video's) tokens."""
+    tokens = [getattr(processor, name, None) for name in ("image_token", "video_token")]
+    return {processor.tokenizer.convert_tokens_to_ids(token) for token in tokens if token}
+
+
+def expanded_positions(text_ids: list[int], input_ids: list[int], visual: set[int]) -> list[int]:
+    """For each position of the text's own tokens (and one past the end), its position once the
+    processor has expanded every image placeholder into its tokens, so that an answer after an
+    image, between images or before one is labelled where it lands. Adjacent placeholders share
+    their run of visual tokens evenly (images of one resolution)."""
+    positions, i, j = [], 0, 0
+    while j < len(text_ids):
+        if text_ids[j] not in visual:
+            if i >= len(input_ids) or input_ids[i] != text_ids[j]:
+                raise RecordError("the processor's image tokens do not line up with the text's placeholders")
+            positions.append(i)
+            i, j = i + 1, j + 1
+            continue
+        placeholders = next((k for k in range(j, len(text_ids)) if text_ids[k] not in visual), len(text_ids)) - j
+        run = next((k for k in range(i, len(input_ids)) if input_ids[k] not in visual), len(input_ids)) - i
+        positions += [i + q * run // placeholders for q in range(placeholders)]
+        i, j = i + run, j + placeholders
+    return positions + [len(input_ids)]
 
 
 STRUCTURE = re.compile(rb'[{}"\\]')  # the only bytes that decide where a JSON object starts and ends
@@ -407,9 +432,7 @@ def truncate(sample: dict[str, torch.Tensor], max_length: int, processor) -> dic
     images alone are longer than `max_length`, or that the cut leaves nothing to train on, is a
     RecordError."""
     ids = sample["input_ids"]
-    image_ids = [getattr(processor, name, None) for name in ("image_token", "video_token")]
-    image_ids = [processor.tokenizer.convert_tokens_to_ids(token) for token in image_ids if token]
-    visual = torch.isin(ids, torch.tensor(image_ids)).nonzero()
+    visual = torch.isin(ids, torch.tensor(sorted(visual_token_ids(processor)))).nonzero()
     if len(visual) > max_length:
         raise RecordError(f"its images take {len(visual)} tokens, more than max_length {max_length}")
     keep = max(max_length, int(visual[-1]) + 1 if len(visual) else 0)
