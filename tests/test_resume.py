@@ -5,6 +5,7 @@ import signal
 import subprocess
 import time
 
+import psutil
 import pytest
 import torch
 from transformers import AutoModelForImageTextToText
@@ -22,31 +23,38 @@ INSTRUCT = [f"stages.1.max_steps={STEPS}", "stages.1.save_steps=5", "stages.1.lo
 
 
 def kill_when_saved(line: list[str], environment: dict, checkpoint) -> int:
-    """Start a run and SIGKILL it as soon as `checkpoint` exists; the run's exit status."""
+    """Start a run and SIGKILL it (every process of it) as soon as `checkpoint` exists; its exit status."""
     run = subprocess.Popen(line, env=environment, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + LAUNCH_TIMEOUT_S
     while not checkpoint.exists() and run.poll() is None and time.monotonic() < deadline:
         time.sleep(0.01)
-    run.send_signal(signal.SIGKILL)
+    workers = psutil.Process(run.pid).children(recursive=True)  # torchrun's, each in a session of its own
+    for process in [psutil.Process(run.pid), *workers]:
+        process.kill()
+    psutil.wait_procs(workers)
     return run.wait()
 
 
-def test_a_run_killed_mid_stage_resumes_and_reproduces_the_uninterrupted_run(synth_data, tmp_path):
-    reference = launch(1, tmp_path / "reference", *recipe(synth_data, tmp_path / "reference" / "run", *INSTRUCT))[0]
+@pytest.mark.parametrize("processes", [1, 2])
+def test_a_run_killed_mid_stage_resumes_and_reproduces_the_uninterrupted_run(processes, synth_data, tmp_path):
+    steps = [*INSTRUCT, *(["stages.1.batch_size=2"] if processes > 1 else [])]  # the data lasts the 40 steps
+    reference = launch(processes, tmp_path / "reference", *recipe(synth_data, tmp_path / "reference" / "run", *steps))
 
     killed = tmp_path / "killed" / "run"
-    line, environment = command(1, tmp_path / "killed", *recipe(synth_data, killed, *INSTRUCT))
+    line, environment = command(processes, tmp_path / "killed", *recipe(synth_data, killed, *steps))
     assert kill_when_saved(line, environment, killed / "instruct" / "checkpoint-10") == -signal.SIGKILL
     assert (killed / "align" / "model").exists() and not (killed / "instruct" / "model").exists()
 
-    resumed = launch(1, tmp_path / "killed", *recipe(synth_data, killed, *INSTRUCT, "resume=true"))[0]
-    assert resumed[0]["step"] > 10 and resumed[-1]["step"] == STEPS  # only instruction tuning's last steps ran
-    by_step = {step["step"]: step for step in reference[2:]}  # after alignment's 2 steps
-    for step in resumed:
-        expected = by_step[step["step"]]
-        assert step["forwards"] == expected["forwards"], f"step {step['step']}: skips or kept tokens differ"
-        assert step["loss"] == pytest.approx(expected["loss"], abs=1e-4), f"step {step['step']}"
-    assert any(forward["skipped_layers"] for step in resumed for forward in step["forwards"])
+    resumed = launch(processes, tmp_path / "killed", *recipe(synth_data, killed, *steps, "resume=true"))
+    for rank in range(processes):
+        assert resumed[rank][0]["step"] > 10 and resumed[rank][-1]["step"] == STEPS  # instruction tuning's last steps
+        by_step = {step["step"]: step for step in reference[rank][2:]}  # after alignment's 2 steps
+        for step in resumed[rank]:
+            expected = by_step[step["step"]]
+            assert step["forwards"] == expected["forwards"], f"rank {rank}, step {step['step']}: skips or tokens"
+            if "loss" in step:  # logged by rank 0
+                assert step["loss"] == pytest.approx(expected["loss"], abs=1e-4), f"step {step['step']}"
+    assert any(forward["skipped_layers"] for step in resumed[0] for forward in step["forwards"])
     final = AutoModelForImageTextToText.from_pretrained(killed / "instruct" / "model").state_dict()
     uninterrupted = AutoModelForImageTextToText.from_pretrained(
         tmp_path / "reference" / "run" / "instruct" / "model").state_dict()
