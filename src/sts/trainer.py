@@ -41,7 +41,8 @@ class RecipeTrainer(Trainer):
         self.group_by_length = group_by_length
         self.nonfinite_in_step = False
         self.dropped_steps: list[int] = []
-        self.add_callback(DropNonFiniteSteps(self))
+        if on_nonfinite_loss == "skip":
+            self.add_callback(DropNonFiniteSteps(self))  # a collective every step: only when asked for
 
     def _get_train_sampler(self, train_dataset=None):
         if not self.group_by_length:
