@@ -1,5 +1,6 @@
 import json
 
+import pytest
 import torch
 
 from sts.cli import main
@@ -55,6 +56,16 @@ def test_cli_reports_config_errors_in_one_line(synth_data, tmp_path, capsys):
     assert main(["train", "demo", f"data.train={synth_data['train']}", "stages.0.learning_rat=1"]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("sts: error:") and "stages.0.learning_rat" in err and "\n" not in err
+
+
+@pytest.mark.parametrize("command", [["bench", "--steps", "0"], ["eval", "--model", "m", "--data", "d", "--limit", "0"],
+                                     ["demo", "--train", "-5"], ["data", "check", "d.json", "--max-length", "x"]])
+def test_a_bad_number_on_the_command_line_is_one_line(command, capsys):
+    with pytest.raises(SystemExit) as exit:
+        main(command)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert exit.value.code == 2 and err[-1].startswith("sts ") and f"argument {command[-2]}" in err[-1]
+    assert not any("Traceback" in line for line in err)
 
 
 def test_eval_of_missing_model_is_a_clear_error(synth_data, tmp_path, capsys):

@@ -19,12 +19,9 @@ def cmd_data_check(args) -> int:
 
     from tqdm import tqdm
 
-    from sts.config import ConfigError
     from sts.data.check import load_processor, problems
     from sts.data.llava import LlavaDataset
 
-    if args.max_length is not None and args.max_length < 1:
-        raise ConfigError(f"--max-length {args.max_length}: expected a positive number of tokens")
     processor = load_processor(args.model) if args.max_length else None
     dataset = LlavaDataset(args.data, processor, args.images, args.template, max_length=args.max_length)
     encode = partial(dataset.encoded, max_length=args.max_length) if args.max_length else None
@@ -98,15 +95,27 @@ def cmd_pretrain_base(args) -> None:
                   language_steps=args.language_steps, seed=args.seed, resume=args.resume)
 
 
+def at_least(minimum: int):
+    """An argparse type: an integer >= minimum (a wrong one is argparse's one-line usage error)."""
+    def count(text: str) -> int:
+        value = int(text)
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"expected an integer >= {minimum}, got {value}")
+        return value
+
+    count.__name__ = "integer"  # how argparse names the type in its message for a non-number
+    return count
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="sts", description="Sparse Training Scheme for multimodal LLMs")
     commands = parser.add_subparsers(dest="command", required=True)
 
     demo = commands.add_parser("demo", help="synthetic data -> train the tiny LLaVA -> evaluate, in minutes on a CPU")
     demo.add_argument("--out", default="runs/demo", help="folder for data, models, figures and results.json")
-    demo.add_argument("--train", type=int, default=4000,
+    demo.add_argument("--train", type=at_least(1), default=4000,
                       help="training images: as many captions for alignment and conversations for instruction tuning")
-    demo.add_argument("--test", type=int, default=750, help="test images (two questions each)")
+    demo.add_argument("--test", type=at_least(1), default=750, help="test images (two questions each)")
     demo.add_argument("--seed", type=int, default=0, help="seed of the synthetic data")
     demo.add_argument("--seeds", default="0", help="training seeds, comma-separated (e.g. 0,1,2): every recipe "
                                                    "is trained with each; the table shows means with min-max")
@@ -130,7 +139,7 @@ def build_parser() -> argparse.ArgumentParser:
                                           "exit status 1 if there is one")
     check.add_argument("data", help="the LLaVA-format JSON file")
     check.add_argument("--images", help="image folder; defaults to the JSON file's folder")
-    check.add_argument("--max-length", type=int, help="also check that every sample, encoded and truncated as "
+    check.add_argument("--max-length", type=at_least(1), help="also check that every sample, encoded and truncated as "
                                                       "training does, keeps its images whole and an answer to train on")
     check.add_argument("--model", help="a local checkpoint folder whose processor encodes for --max-length "
                                        "(default: the embedded tiny model's)")
@@ -148,25 +157,25 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--data", required=True, help="a LLaVA-format JSON test file")
     evaluate.add_argument("--images", help="image folder; defaults to the JSON file's folder")
     evaluate.add_argument("--json", help="also write the result here")
-    evaluate.add_argument("--batch-size", type=int, default=64)
-    evaluate.add_argument("--limit", type=int, help="only the first N records")
+    evaluate.add_argument("--batch-size", type=at_least(1), default=64)
+    evaluate.add_argument("--limit", type=at_least(1), help="only the first N records")
     evaluate.set_defaults(run=cmd_eval)
 
     bench = commands.add_parser("bench", help="training throughput, baseline and STS interleaved, random weights")
     bench.add_argument("--preset", default="tiny", choices=["tiny", "llava-1.5-7b", "llava-1.5-0.5b"])
-    bench.add_argument("--steps", type=int, default=10, help="timed steps per setting")
-    bench.add_argument("--warmup", type=int, default=2)
-    bench.add_argument("--batch", type=int, default=8)
-    bench.add_argument("--layers", type=int, help="decoder layers (default: the preset's own, 32 for the 7B)")
+    bench.add_argument("--steps", type=at_least(1), default=10, help="timed steps per setting")
+    bench.add_argument("--warmup", type=at_least(0), default=2)
+    bench.add_argument("--batch", type=at_least(1), default=8)
+    bench.add_argument("--layers", type=at_least(1), help="decoder layers (default: the preset's own, 32 for the 7B)")
     bench.add_argument("--settings", help="comma-separated subset of the settings")
     bench.add_argument("--out", default="benchmarks/results", help="folder for the JSON record")
     bench.set_defaults(run=cmd_bench)
 
     pretrain = commands.add_parser("pretrain-base", help="re-create the tiny model's shipped base weights")
     pretrain.add_argument("--out", default="runs/pretrain-base")
-    pretrain.add_argument("--records", type=int, default=12000)
-    pretrain.add_argument("--vision-steps", type=int, default=150)
-    pretrain.add_argument("--language-steps", type=int, default=4500)
+    pretrain.add_argument("--records", type=at_least(1), default=12000)
+    pretrain.add_argument("--vision-steps", type=at_least(0), default=150)
+    pretrain.add_argument("--language-steps", type=at_least(0), default=4500)
     pretrain.add_argument("--resume", action="store_true", help="continue the language model from the shipped weights")
     pretrain.add_argument("--seed", type=int, default=1234)
     pretrain.set_defaults(run=cmd_pretrain_base)
