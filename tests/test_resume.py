@@ -14,6 +14,7 @@ from sts.config import load_recipe
 from sts.data.llava import LlavaDataset
 from sts.train import initial_model, run_stage
 from sts.trainer import STAGING, RecipeTrainer, TrainingError
+from tests.test_end_to_end import tiny_overrides
 from tests.traced_run import LAUNCH_TIMEOUT_S, command, launch, recipe
 
 STEPS = 40
@@ -63,12 +64,8 @@ def test_a_run_killed_mid_stage_resumes_and_reproduces_the_uninterrupted_run(pro
 
 def stage_run(synth_data, tmp_path, *overrides: str):
     """What `run_stage` needs for the tiny recipe's first stage, with `overrides`."""
-    sizes = [f"model.tiny.{key}={value}" for key, value in
-             {"vision_hidden": 32, "vision_layers": 1, "text_hidden": 64, "text_layers": 2, "text_heads": 2,
-              "text_intermediate": 128}.items()]
-    cfg = load_recipe("demo", [f"data.train={synth_data['train']}", "stages.0.data=null", "model.base=false",
-                               "stages.0.batch_size=4", "stages.0.max_steps=4", "stages.0.save_steps=1",
-                               f"output_dir={tmp_path}", *sizes, *overrides])
+    cfg = load_recipe("demo", [*tiny_overrides(synth_data, tmp_path), "stages.0.data=null", "stages.0.batch_size=4",
+                               "stages.0.max_steps=4", "stages.0.save_steps=1", *overrides])
     model, processor = initial_model(cfg)
     return cfg.stages[0], model, processor, LlavaDataset(synth_data["train"], processor)
 

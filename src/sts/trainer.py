@@ -71,31 +71,29 @@ class RecipeTrainer(Trainer):
             super()._save_checkpoint(model, trial)
         finally:
             self.args.output_dir = run_dir
-        self.accelerator.wait_for_everyone()
+        name = f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
+        self.publish(Path(run_dir, STAGING, name), Path(run_dir, name))
         if self.args.should_save:
-            name = f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
-            publish(Path(run_dir, STAGING, name), Path(run_dir, name))
             rotate_checkpoints(output_dir=run_dir, save_total_limit=self.args.save_total_limit,
                                best_model_checkpoint=self.state.best_model_checkpoint, use_mtime=False)
-        self.accelerator.wait_for_everyone()
 
     def save_model_whole(self, folder: Path) -> None:
         """The final model, saved like a checkpoint: complete under its name, or absent."""
         staging = folder.parent / STAGING / folder.name
         self.save_model(str(staging))
+        self.publish(staging, folder)
+
+    def publish(self, staging: Path, folder: Path) -> None:
+        """Once every rank has written its part into `staging`, rank 0 moves it to `folder`
+        (replacing a stale one); the others wait for that."""
         self.accelerator.wait_for_everyone()
         if self.args.should_save:
-            publish(staging, folder)
+            if folder.exists():
+                shutil.rmtree(folder)
+            os.replace(staging, folder)
+            with contextlib.suppress(OSError):  # the staging folder, once it holds nothing else
+                staging.parent.rmdir()
         self.accelerator.wait_for_everyone()
-
-
-def publish(staging: Path, folder: Path) -> None:
-    """Move a completely written folder to its name, replacing a stale one."""
-    if folder.exists():
-        shutil.rmtree(folder)
-    os.replace(staging, folder)
-    with contextlib.suppress(OSError):  # the staging folder, once it holds nothing else
-        staging.parent.rmdir()
 
 
 class DropNonFiniteSteps(TrainerCallback):
