@@ -16,6 +16,9 @@ demo: $(STAMP)
 	.venv/bin/sts demo
 
 test: $(STAMP)
+	.venv/bin/ruff check .
+	.venv/bin/ruff format --check .
+	.venv/bin/lint-imports
 	$(PY) -m pytest
 
 pretrain-base: $(STAMP)

@@ -24,8 +24,8 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
 from sts.adapters import get_adapter
-from sts.config import TinyModelConfig
-from sts.models.tiny import build_model
+from sts.cli.models.tiny import build_model
+from sts.cli.recipes import TinyModelConfig
 from sts.patch import apply_sts
 
 INSTRUCTION_TUNING = {"vision_tower": "frozen", "projector": "full", "language_model": "full"}
@@ -68,21 +68,35 @@ def main() -> None:
         image_token = models["find_unused=False"].module.config.image_token_id
         ids = torch.randint(3, 40, (args.batch, grid * grid + text), device=device)
         ids[ids == image_token] = 3
-        ids[:, 1:1 + grid * grid] = image_token
-        batch = {"input_ids": ids, "labels": ids.clone(), "attention_mask": torch.ones_like(ids),
-                 "pixel_values": torch.randn(args.batch, 3, sizes.image_size, sizes.image_size, device=device)}
+        ids[:, 1 : 1 + grid * grid] = image_token
+        batch = {
+            "input_ids": ids,
+            "labels": ids.clone(),
+            "attention_mask": torch.ones_like(ids),
+            "pixel_values": torch.randn(args.batch, 3, sizes.image_size, sizes.image_size, device=device),
+        }
         timed_steps(models, batch, 3)  # warm-up
         times = timed_steps(models, batch, args.steps)
         medians = {name: statistics.median(values) for name, values in times.items()}
-        results[shape] = {"median_step_ms": {name: round(1000 * s, 2) for name, s in medians.items()},
-                          "cost": round(medians["find_unused=True"] / medians["find_unused=False"] - 1, 4)}
+        results[shape] = {
+            "median_step_ms": {name: round(1000 * s, 2) for name, s in medians.items()},
+            "cost": round(medians["find_unused=True"] / medians["find_unused=False"] - 1, 4),
+        }
     if dist.get_rank() == 0:
-        device_name = torch.cuda.get_device_name() if torch.cuda.is_available() else \
-            f"{platform.machine()} CPU, {os.cpu_count()} cores, {torch.get_num_threads()} thread(s) a process"
-        record = {"date": datetime.date.today().isoformat(), "machine": device_name,
-                  "command": f"torchrun --nproc_per_node {dist.get_world_size()} benchmarks/ddp_find_unused.py "
-                             f"--steps {args.steps} --batch {args.batch}",
-                  "processes": dist.get_world_size(), "batch_per_process": args.batch, "results": results}
+        device_name = (
+            torch.cuda.get_device_name()
+            if torch.cuda.is_available()
+            else f"{platform.machine()} CPU, {os.cpu_count()} cores, {torch.get_num_threads()} thread(s) a process"
+        )
+        record = {
+            "date": datetime.date.today().isoformat(),
+            "machine": device_name,
+            "command": f"torchrun --nproc_per_node {dist.get_world_size()} benchmarks/ddp_find_unused.py "
+            f"--steps {args.steps} --batch {args.batch}",
+            "processes": dist.get_world_size(),
+            "batch_per_process": args.batch,
+            "results": results,
+        }
         print(json.dumps(record, indent=2))
         name = "cuda" if torch.cuda.is_available() else "cpu"
         (Path(args.out) / f"ddp-find-unused-{name}-{record['date']}.json").write_text(json.dumps(record, indent=2))

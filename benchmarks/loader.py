@@ -22,10 +22,11 @@ from pathlib import Path
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from sts.config import TinyModelConfig
-from sts.data.llava import Collator, LlavaDataset
-from sts.data.synth import generate
-from sts.models.tiny import build_processor
+from sts.cli.data.collate import Collator
+from sts.cli.data.dataset import LlavaDataset
+from sts.cli.data.synth import generate
+from sts.cli.models.tiny import build_processor
+from sts.cli.recipes import TinyModelConfig
 
 
 def resident_bytes(pid: int) -> int:
@@ -98,8 +99,13 @@ def main() -> None:
         dataset = LlavaDataset(path, build_processor(TinyModelConfig(image_size=336, patch_size=14)))
         indexed = time.perf_counter() - started
         after_index = family_resident_bytes()
-        loader = DataLoader(dataset, batch_size=args.batch_size, shuffle=True, num_workers=args.workers,
-                            collate_fn=Collator(dataset.processor.tokenizer.pad_token_id))
+        loader = DataLoader(
+            dataset,
+            batch_size=args.batch_size,
+            shuffle=True,
+            num_workers=args.workers,
+            collate_fn=Collator(dataset.processor.tokenizer.pad_token_id),
+        )
         peak, running = [after_index], True
 
         def sample():
@@ -123,13 +129,16 @@ def main() -> None:
         "date": datetime.date.today().isoformat(),
         "machine": f"{platform.machine()} CPU, {os.cpu_count()} cores",
         "command": f"python benchmarks/loader.py --records {args.records} --images {args.images} "
-                   f"--batches {args.batches} --batch-size {args.batch_size} --workers {args.workers}",
+        f"--batches {args.batches} --batch-size {args.batch_size} --workers {args.workers}",
         "records": len(dataset),
         "json_mb": round(json_mb, 1),
         "write_seconds": round(written, 1),
         "index_seconds": round(indexed, 1),
-        "resident_mb": {"before_index": round(before / 2**20), "after_index": round(after_index / 2**20),
-                        "peak_while_iterating": round(max(peak) / 2**20)},
+        "resident_mb": {
+            "before_index": round(before / 2**20),
+            "after_index": round(after_index / 2**20),
+            "peak_while_iterating": round(max(peak) / 2**20),
+        },
         "batches": args.batches,
         "batch_size": args.batch_size,
         "workers": args.workers,

@@ -5,8 +5,8 @@ so every example runs anywhere."""
 import argparse
 from pathlib import Path
 
-from sts.data.synth import generate
-from sts.models.families import save_tiny
+from sts.cli.data.synth import generate
+from sts.cli.models.families import save_tiny
 
 
 def arguments(doc: str, out: str | None = None) -> argparse.ArgumentParser:
@@ -20,8 +20,9 @@ def arguments(doc: str, out: str | None = None) -> argparse.ArgumentParser:
     return parser
 
 
-def model_and_data(model: str | None, data: str | None, folder: Path,
-                   family: str = "LlavaForConditionalGeneration") -> tuple[str, str]:
+def model_and_data(
+    model: str | None, data: str | None, folder: Path, family: str = "LlavaForConditionalGeneration"
+) -> tuple[str, str]:
     model = model or str(save_tiny(family, folder / "model"))
     data = data or str(generate(folder / "data", train=64, test=1)["train"])
     return model, data

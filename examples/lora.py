@@ -11,7 +11,6 @@ from peft import LoraConfig, get_peft_model
 from transformers import AutoModelForImageTextToText, AutoProcessor
 
 import sts
-
 from _tiny import arguments, model_and_data
 from trainer import build_trainer
 
@@ -23,10 +22,22 @@ def main(argv=None):
         model = AutoModelForImageTextToText.from_pretrained(model_path)
         processor = AutoProcessor.from_pretrained(model_path)
 
-        sts.apply_sts(model, {"lds": {"alpha": 0.5, "epsilon": 0.5},
-                              "vtc": {"strategy": "pool", "keep_ratio": 0.25, "proportional_attention": True}})
-        lora = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, target_modules=r".*language_model.*\.(q|v)_proj",
-                                                modules_to_save=["multi_modal_projector"]))
+        sts.apply_sts(
+            model,
+            {
+                "lds": {"alpha": 0.5, "epsilon": 0.5},
+                "vtc": {"strategy": "pool", "keep_ratio": 0.25, "proportional_attention": True},
+            },
+        )
+        lora = get_peft_model(
+            model,
+            LoraConfig(
+                r=8,
+                lora_alpha=16,
+                target_modules=r".*language_model.*\.(q|v)_proj",
+                modules_to_save=["multi_modal_projector"],
+            ),
+        )
         trainer = build_trainer(lora, processor, data, args.out, args.steps, learning_rate=1e-3)  # as trainer.py
         trainer.train()
         merged = lora.merge_and_unload()

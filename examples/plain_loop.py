@@ -14,9 +14,9 @@ from torch.utils.data import DataLoader
 from transformers import AutoModelForImageTextToText, AutoProcessor
 
 import sts
-from sts.data.llava import Collator, LlavaDataset
-
 from _tiny import arguments, model_and_data
+from sts.cli.data.collate import Collator
+from sts.cli.data.dataset import LlavaDataset
 
 
 def main(argv=None):
@@ -26,8 +26,12 @@ def main(argv=None):
         model_path, data = model_and_data(args.model, args.data, Path(tmp))
         model = AutoModelForImageTextToText.from_pretrained(model_path).train()
         processor = AutoProcessor.from_pretrained(model_path)
-        loader = DataLoader(LlavaDataset(data, processor), batch_size=8, shuffle=True,
-                            collate_fn=Collator(processor.tokenizer.pad_token_id))
+        loader = DataLoader(
+            LlavaDataset(data, processor),
+            batch_size=8,
+            shuffle=True,
+            collate_fn=Collator(processor.tokenizer.pad_token_id),
+        )
 
         sts.apply_sts(model, {"lds": {"alpha": 0.5, "epsilon": 0.5}})
         optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)

@@ -14,9 +14,9 @@ from transformers import AutoModelForImageTextToText, AutoProcessor
 from trl import SFTConfig, SFTTrainer
 
 import sts
-from sts.data.llava import Records, image_paths, open_image, to_messages
-
 from _tiny import arguments, model_and_data
+from sts.cli.data.records import Records, image_paths, open_image
+from sts.cli.data.render import to_messages
 
 
 def trl_rows(data: str) -> Dataset:
@@ -26,8 +26,12 @@ def trl_rows(data: str) -> Dataset:
     for index in range(len(records)):
         record = records[index]
         paths = image_paths(record)
-        rows.append({"messages": to_messages(record["conversations"], len(paths)),
-                     "images": [open_image(folder, path) for path in paths]})
+        rows.append(
+            {
+                "messages": to_messages(record["conversations"], len(paths)),
+                "images": [open_image(folder, path) for path in paths],
+            }
+        )
     return Dataset.from_list(rows)
 
 
@@ -41,16 +45,26 @@ def main(argv=None):
         processor = AutoProcessor.from_pretrained(model_path)
         trainer = SFTTrainer(
             model=model,
-            args=SFTConfig(output_dir=args.out, max_steps=args.steps, per_device_train_batch_size=8, learning_rate=1e-4,
-                           logging_steps=max(1, args.steps // 10), report_to="none", save_strategy="no",
-                           max_length=None, seed=0,
-                           bf16=torch.cuda.is_available()),
+            args=SFTConfig(
+                output_dir=args.out,
+                max_steps=args.steps,
+                per_device_train_batch_size=8,
+                learning_rate=1e-4,
+                logging_steps=max(1, args.steps // 10),
+                report_to="none",
+                save_strategy="no",
+                max_length=None,
+                seed=0,
+                bf16=torch.cuda.is_available(),
+            ),
             train_dataset=trl_rows(data),
             processing_class=processor,
             callbacks=[sts.STSCallback()],
         )
-        sts.apply_sts(trainer.model, {"vtc": {"strategy": "pool", "keep_ratio": args.keep_ratio},
-                                      "lds": {"alpha": 0.5, "epsilon": 0.5}})
+        sts.apply_sts(
+            trainer.model,
+            {"vtc": {"strategy": "pool", "keep_ratio": args.keep_ratio}, "lds": {"alpha": 0.5, "epsilon": 0.5}},
+        )
         trainer.train()
     return trainer.state.log_history
 

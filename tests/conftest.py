@@ -1,11 +1,13 @@
 import pytest
 
-from sts.data.synth import generate
-from sts.models.tiny import TinyModelConfig, build_processor
+from sts.cli.data.synth import generate
+from sts.cli.models.tiny import build_processor
+from sts.cli.recipes import TinyModelConfig
 
 # Small enough for fast CPU tests; base weights fit only the default sizes.
-TEST_SIZES = TinyModelConfig(vision_hidden=32, vision_layers=1, text_hidden=64, text_layers=2,
-                             text_heads=2, text_intermediate=128)
+TEST_SIZES = TinyModelConfig(
+    vision_hidden=32, vision_layers=1, text_hidden=64, text_layers=2, text_heads=2, text_intermediate=128
+)
 
 
 @pytest.fixture(scope="session")

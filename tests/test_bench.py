@@ -1,7 +1,8 @@
 import json
 
-from sts.bench import SETTINGS, preset_config, run_bench
-from sts.flops import Shapes
+from sts.cli.bench import SETTINGS, run_bench
+from sts.cli.flops import Shapes
+from sts.cli.presets import preset_config
 
 
 def test_bench_times_every_setting_and_records_json(tmp_path):

@@ -4,21 +4,41 @@ import torch
 from transformers import Trainer, TrainerControl, TrainerState, TrainingArguments
 
 import sts
-from sts.data.llava import Collator, LlavaDataset
-from sts.models.tiny import build_model
+from sts.cli.data.collate import Collator
+from sts.cli.data.dataset import LlavaDataset
+from sts.cli.models.tiny import build_model
 from sts.patch import drain_stats, state_of
 from tests.conftest import TEST_SIZES
 
 
 def test_a_plain_trainer_with_the_callback_runs_the_schedule(synth_data, processor, tmp_path):
     model = build_model(TEST_SIZES, seed=0, base=False)
-    sts.apply_sts(model, {"vtc": {"strategy": "pool", "keep_ratio": 0.25},
-                          "lds": {"alpha": 1.0, "epsilon": 0.0, "protect_first": 0, "protect_last": 0}})
-    args = TrainingArguments(output_dir=str(tmp_path), per_device_train_batch_size=4, gradient_accumulation_steps=2,
-                             max_steps=8, logging_steps=1, learning_rate=1e-4, report_to="none",
-                             save_strategy="no", remove_unused_columns=False, use_cpu=True)
-    trainer = Trainer(model=model, args=args, train_dataset=LlavaDataset(synth_data["train"], processor),
-                      data_collator=Collator(processor.tokenizer.pad_token_id), callbacks=[sts.STSCallback()])
+    sts.apply_sts(
+        model,
+        {
+            "vtc": {"strategy": "pool", "keep_ratio": 0.25},
+            "lds": {"alpha": 1.0, "epsilon": 0.0, "protect_first": 0, "protect_last": 0},
+        },
+    )
+    args = TrainingArguments(
+        output_dir=str(tmp_path),
+        per_device_train_batch_size=4,
+        gradient_accumulation_steps=2,
+        max_steps=8,
+        logging_steps=1,
+        learning_rate=1e-4,
+        report_to="none",
+        save_strategy="no",
+        remove_unused_columns=False,
+        use_cpu=True,
+    )
+    trainer = Trainer(
+        model=model,
+        args=args,
+        train_dataset=LlavaDataset(synth_data["train"], processor),
+        data_collator=Collator(processor.tokenizer.pad_token_id),
+        callbacks=[sts.STSCallback()],
+    )
     trainer.train()
 
     forwards = drain_stats(model)
@@ -45,7 +65,8 @@ def test_a_fused_lm_head_scores_the_cut_labels_as_sts_does(synth_data, processor
     STS cuts them in place, and the loss is the one STS computes itself from the logits."""
     from trl.trainer.utils import add_fused_lm_head
 
-    from sts.data.llava import Collator, LlavaDataset
+    from sts.cli.data.collate import Collator
+    from sts.cli.data.dataset import LlavaDataset
 
     dataset = LlavaDataset(synth_data["train"], processor)
     batch = Collator(processor.tokenizer.pad_token_id)([dataset[i] for i in range(4)])
@@ -76,12 +97,23 @@ def test_loggers_see_the_stats_when_the_callback_goes_first(synth_data, processo
 
     def train(sts_first: bool) -> list[dict]:
         model = sts.apply_sts(build_model(TEST_SIZES, seed=0, base=False), {"vtc": {"strategy": "pool"}})
-        args = TrainingArguments(output_dir=str(tmp_path), per_device_train_batch_size=4, max_steps=2,
-                                 logging_steps=1, report_to="none", save_strategy="no", remove_unused_columns=False,
-                                 use_cpu=True)
-        trainer = Trainer(model=model, args=args, train_dataset=LlavaDataset(synth_data["train"], processor),
-                          data_collator=Collator(processor.tokenizer.pad_token_id),
-                          callbacks=None if sts_first else [sts.STSCallback()])
+        args = TrainingArguments(
+            output_dir=str(tmp_path),
+            per_device_train_batch_size=4,
+            max_steps=2,
+            logging_steps=1,
+            report_to="none",
+            save_strategy="no",
+            remove_unused_columns=False,
+            use_cpu=True,
+        )
+        trainer = Trainer(
+            model=model,
+            args=args,
+            train_dataset=LlavaDataset(synth_data["train"], processor),
+            data_collator=Collator(processor.tokenizer.pad_token_id),
+            callbacks=None if sts_first else [sts.STSCallback()],
+        )
         logger = Logger()
         trainer.callback_handler.callbacks.insert(1, logger)  # where report_to puts its loggers
         if sts_first:

@@ -1,6 +1,6 @@
 import pytest
 
-from sts.config import ConfigError, load_recipe
+from sts.cli.recipes import ConfigError, load_recipe
 
 
 def write(tmp_path, text):
@@ -24,23 +24,27 @@ def test_shipped_demo_recipe_parses():
 
 
 def test_overrides_set_nested_keys(tmp_path):
-    recipe = load_recipe(write(tmp_path, GOOD), ["stages.0.learning_rate=5e-4", "model.tiny.text_layers=3",
-                                                 "output_dir=elsewhere"])
+    recipe = load_recipe(
+        write(tmp_path, GOOD), ["stages.0.learning_rate=5e-4", "model.tiny.text_layers=3", "output_dir=elsewhere"]
+    )
     assert recipe.stages[0].learning_rate == 5e-4
     assert recipe.model.tiny.text_layers == 3
     assert recipe.output_dir == "elsewhere"
 
 
-@pytest.mark.parametrize("override, key", [
-    ("stages.0.learnig_rate=1", "stages.0.learnig_rate"),
-    ("stages.0.learning_rate=-1", "stages.0.learning_rate"),
-    ("stages.0.train.projector=half", "stages.0.train.projector"),
-    ("model.tiny.text_layerz=2", "model.tiny.text_layerz"),
-    ("stages.0.train.projector=frozen", "stages.0.train"),  # a stage that trains nothing
-    ("model.path=/no/such/checkpoint", "model.path"),
-    ("stages.0.on_nonfinite_loss=maybe", "stages.0.on_nonfinite_loss"),
-    ("distributed=horovod", "distributed"),
-])
+@pytest.mark.parametrize(
+    "override, key",
+    [
+        ("stages.0.learnig_rate=1", "stages.0.learnig_rate"),
+        ("stages.0.learning_rate=-1", "stages.0.learning_rate"),
+        ("stages.0.train.projector=half", "stages.0.train.projector"),
+        ("model.tiny.text_layerz=2", "model.tiny.text_layerz"),
+        ("stages.0.train.projector=frozen", "stages.0.train"),  # a stage that trains nothing
+        ("model.path=/no/such/checkpoint", "model.path"),
+        ("stages.0.on_nonfinite_loss=maybe", "stages.0.on_nonfinite_loss"),
+        ("distributed=horovod", "distributed"),
+    ],
+)
 def test_bad_key_or_value_is_one_line_naming_the_key(tmp_path, override, key):
     with pytest.raises(ConfigError) as error:
         load_recipe(write(tmp_path, GOOD), [override])
@@ -63,7 +67,7 @@ def test_stage_names_must_be_unique(tmp_path):
 
 
 def test_demo_recipe_selection_defines_variants_and_always_runs_the_baseline():
-    from sts.demo import RECIPES, select_recipes
+    from sts.cli.demo import RECIPES, select_recipes
 
     assert select_recipes(None) == RECIPES
     chosen = select_recipes(["sts", "pool=vtc.strategy=pool lds=null"])

@@ -2,8 +2,11 @@ import json
 
 import torch
 
-from sts.data.llava import IGNORE_INDEX, Collator, LlavaDataset, answer_spans, to_messages
-from sts.data.synth import IMAGE_SIZE
+from sts.cli.data.collate import Collator
+from sts.cli.data.dataset import LlavaDataset
+from sts.cli.data.render import answer_spans, to_messages
+from sts.cli.data.synth import IMAGE_SIZE
+from sts.cut import IGNORE_INDEX
 
 
 def test_every_word_is_in_the_vocabulary(synth_data, processor):
@@ -32,8 +35,11 @@ def test_answers_before_between_and_after_images_are_labelled_where_they_land(sy
     turns = [dict(turn) for turn in records[0]["conversations"][:2] + records[1]["conversations"][:2]]
     turns[0]["value"] = turns[0]["value"].replace("<image>\n", "")
     later_image = {"id": "later", "image": records[0]["image"], "conversations": [dict(t) for t in turns]}
-    two_images = {"id": "two", "image": [records[0]["image"], records[1]["image"]], "conversations": [
-        dict(turns[0], value="<image>\n" + turns[0]["value"]), turns[1], turns[2], turns[3]]}
+    two_images = {
+        "id": "two",
+        "image": [records[0]["image"], records[1]["image"]],
+        "conversations": [dict(turns[0], value="<image>\n" + turns[0]["value"]), turns[1], turns[2], turns[3]],
+    }
     path = tmp_path / "later.json"
     path.write_text(json.dumps([later_image, two_images]))
     dataset = LlavaDataset(path, processor, images=synth_data["train"].parent)
@@ -42,8 +48,9 @@ def test_answers_before_between_and_after_images_are_labelled_where_they_land(sy
         sample = dataset[index]
         labelled = sample["labels"] != IGNORE_INDEX
         answers = [t["value"] for t in record["conversations"][1::2]]
-        assert tokenizer.convert_ids_to_tokens(sample["labels"][labelled].tolist()) == \
-            [token for answer in answers for token in (answer, tokenizer.eos_token)], record["id"]
+        assert tokenizer.convert_ids_to_tokens(sample["labels"][labelled].tolist()) == [
+            token for answer in answers for token in (answer, tokenizer.eos_token)
+        ], record["id"]
 
 
 def test_image_tokens_expanded_as_the_processor_does(synth_data, processor):
@@ -53,10 +60,11 @@ def test_image_tokens_expanded_as_the_processor_does(synth_data, processor):
     image_token = processor.tokenizer.convert_tokens_to_ids(processor.image_token)
     assert int((sample["input_ids"] == image_token).sum()) == patches
     text, _ = answer_spans(processor, to_messages(dataset.records[0]["conversations"], images=1))
-    from sts.data.llava import open_image
+    from sts.cli.data.records import open_image
 
-    reference = processor(text=text, images=open_image(dataset.images_dir, dataset.records[0]["image"]),
-                          return_tensors="pt")
+    reference = processor(
+        text=text, images=open_image(dataset.images_dir, dataset.records[0]["image"]), return_tensors="pt"
+    )
     assert torch.equal(sample["input_ids"], reference["input_ids"][0])
     assert torch.equal(sample["pixel_values"], reference["pixel_values"])
 
@@ -90,21 +98,33 @@ def test_plain_format_is_the_images_then_the_caption_which_alone_is_trained(synt
 def test_record_without_image(processor):
     from pathlib import Path
 
-    from sts.data.llava import encode
+    from sts.cli.data.render import encode
 
-    record = {"id": "t", "conversations": [{"from": "human", "value": "How many circles are there?"},
-                                           {"from": "gpt", "value": "2"}]}
+    record = {
+        "id": "t",
+        "conversations": [{"from": "human", "value": "How many circles are there?"}, {"from": "gpt", "value": "2"}],
+    }
     sample = encode(processor, record, Path("."))
     assert "pixel_values" not in sample
-    assert processor.tokenizer.convert_ids_to_tokens(sample["labels"][sample["labels"] != IGNORE_INDEX].tolist()) == ["2", "</s>"]
+    assert processor.tokenizer.convert_ids_to_tokens(sample["labels"][sample["labels"] != IGNORE_INDEX].tolist()) == [
+        "2",
+        "</s>",
+    ]
 
 
 def test_records_are_found_lazily_whatever_their_strings_hold(tmp_path):
-    from sts.data.llava import Records
+    from sts.cli.data.records import Records
 
-    records = [{"id": "a{", "conversations": [{"from": "human", "value": 'say "}" and \\\\ then {'},
-                                              {"from": "gpt", "value": '\\"{}\\" ünï \\'}]},
-               {"id": "b", "image": ["x.png", "y.png"], "conversations": [], "nested": {"k": [{"v": "}"}]}}]
+    records = [
+        {
+            "id": "a{",
+            "conversations": [
+                {"from": "human", "value": 'say "}" and \\\\ then {'},
+                {"from": "gpt", "value": '\\"{}\\" ünï \\'},
+            ],
+        },
+        {"id": "b", "image": ["x.png", "y.png"], "conversations": [], "nested": {"k": [{"v": "}"}]}},
+    ]
     path = tmp_path / "tricky.json"
     path.write_text(json.dumps(records, indent=1, ensure_ascii=False))
     lazy = Records(path)
@@ -114,7 +134,7 @@ def test_records_are_found_lazily_whatever_their_strings_hold(tmp_path):
 def test_a_broken_record_is_named_by_file_and_index(tmp_path):
     import pytest
 
-    from sts.data.llava import Records
+    from sts.cli.data.records import Records
 
     path = tmp_path / "bad.json"
     path.write_text('[{"id": "ok", "conversations": []}, {"id": "no-turns"}]')
@@ -130,15 +150,21 @@ def test_indexing_memory_does_not_grow_with_the_file(tmp_path, monkeypatch):
     the file is read in small chunks (a chunk is the most of the file ever held)."""
     import tracemalloc
 
-    import sts.data.llava as llava
+    import sts.cli.data.records as records_module
 
-    record = {"id": "r", "image": "a.png", "conversations": [{"from": "human", "value": "<image>\nWhat is it?"},
-                                                              {"from": "gpt", "value": "a red circle " * 10}]}
+    record = {
+        "id": "r",
+        "image": "a.png",
+        "conversations": [
+            {"from": "human", "value": "<image>\nWhat is it?"},
+            {"from": "gpt", "value": "a red circle " * 10},
+        ],
+    }
     path = tmp_path / "big.json"
     path.write_text(json.dumps([record] * 40_000))
-    monkeypatch.setattr(llava, "CHUNK", 1 << 16)
+    monkeypatch.setattr(records_module, "CHUNK", 1 << 16)
     tracemalloc.start()
-    records = llava.Records(path)
+    records = records_module.Records(path)
     first, last = records[0], records[len(records) - 1]
     _, peak = tracemalloc.get_traced_memory()
     tracemalloc.stop()
@@ -149,7 +175,7 @@ def test_indexing_memory_does_not_grow_with_the_file(tmp_path, monkeypatch):
 def test_max_length_cuts_text_but_never_an_image(synth_data, processor):
     import pytest
 
-    from sts.data.llava import DataError
+    from sts.cli.data.records import DataError
 
     full = LlavaDataset(synth_data["train"], processor)[0]
     patches = (IMAGE_SIZE // processor.patch_size) ** 2
@@ -185,32 +211,44 @@ def test_lengths_are_counted_without_encoding_and_match_the_encoding(synth_data,
         record.pop("image")
         record["conversations"][0]["value"] = record["conversations"][0]["value"].replace("<image>\n", "")
     text_only.write_text(json.dumps(records))
-    for dataset in (LlavaDataset(synth_data["train"], processor),
-                    LlavaDataset(synth_data["align"], processor, template="plain"),
-                    LlavaDataset(text_only, processor, images=synth_data["train"].parent)):
+    for dataset in (
+        LlavaDataset(synth_data["train"], processor),
+        LlavaDataset(synth_data["align"], processor, template="plain"),
+        LlavaDataset(text_only, processor, images=synth_data["train"].parent),
+    ):
         assert dataset.lengths() == [len(dataset[i]["input_ids"]) for i in range(len(dataset))]
 
 
 def test_length_grouped_batches_hold_records_of_similar_length(synth_data, processor, tmp_path):
     from transformers import TrainingArguments
 
-    from sts.models.tiny import build_model
-    from sts.trainer import RecipeTrainer
+    from sts.cli.models.tiny import build_model
+    from sts.cli.recipe_trainer import RecipeTrainer
     from tests.conftest import TEST_SIZES
 
     records = json.loads(synth_data["train"].read_text())
-    text_only = [{"id": f"text-{r['id']}", "conversations": [dict(t, value=t["value"].replace("<image>\n", ""))
-                                                             for t in r["conversations"]]} for r in records]
+    text_only = [
+        {
+            "id": f"text-{r['id']}",
+            "conversations": [dict(t, value=t["value"].replace("<image>\n", "")) for t in r["conversations"]],
+        }
+        for r in records
+    ]
     mixed = tmp_path / "mixed.json"  # 48 records with an image (~91 tokens), 48 without (~27)
     mixed.write_text(json.dumps(records + text_only))
     dataset = LlavaDataset(mixed, processor, images=synth_data["train"].parent)
     args = TrainingArguments(output_dir=str(tmp_path), per_device_train_batch_size=8, report_to="none", use_cpu=True)
-    trainer = RecipeTrainer(model=build_model(TEST_SIZES, base=False), args=args, train_dataset=dataset,
-                            stage_name="test", group_by_length=True)
+    trainer = RecipeTrainer(
+        model=build_model(TEST_SIZES, base=False),
+        args=args,
+        train_dataset=dataset,
+        stage_name="test",
+        group_by_length=True,
+    )
     order = list(trainer._get_train_sampler())
     lengths = dataset.lengths()
     assert sorted(order) == list(range(len(dataset)))
-    grouped = [[lengths[i] for i in order[b: b + 8]] for b in range(0, len(order), 8)]
+    grouped = [[lengths[i] for i in order[b : b + 8]] for b in range(0, len(order), 8)]
     mixed_batches = sum(max(g) - min(g) > 20 for g in grouped)
     # Shuffled, nearly every batch of 8 would mix the two kinds; grouped, only those at the
     # boundary of a sorted mega-batch (3 batches each) do.
@@ -221,7 +259,17 @@ def test_a_broken_data_file_is_one_line_from_the_cli(tmp_path, capsys):
     from sts.cli import main
 
     (tmp_path / "open.json").write_text('[{"id": "x", "conversations": [')
-    assert main(["train", "demo", f"data.train={tmp_path / 'open.json'}",
-                 f"stages.0.data.train={tmp_path / 'open.json'}", f"output_dir={tmp_path / 'out'}"]) == 2
+    assert (
+        main(
+            [
+                "train",
+                "demo",
+                f"data.train={tmp_path / 'open.json'}",
+                f"stages.0.data.train={tmp_path / 'open.json'}",
+                f"output_dir={tmp_path / 'out'}",
+            ]
+        )
+        == 2
+    )
     err = capsys.readouterr().err.strip()
     assert err.startswith("sts: error:") and "open.json" in err and "\n" not in err

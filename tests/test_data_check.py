@@ -12,7 +12,10 @@ import torch
 from torch.utils.data import DataLoader
 
 from sts.cli import main
-from sts.data.llava import IGNORE_INDEX, Collator, DataError, LlavaDataset
+from sts.cli.data.collate import Collator
+from sts.cli.data.dataset import LlavaDataset
+from sts.cli.data.records import DataError
+from sts.cut import IGNORE_INDEX
 
 GOOD = 4  # good records each case starts from; the case spoils record 1 (or the file)
 
@@ -43,9 +46,11 @@ def write(folder, records: list[dict]):
 
 def spoil(change):
     """A case: the good records with `change(record 1)` applied."""
+
     def case(folder, records):
         change(records[1])
         return write(folder, records)
+
     return case
 
 
@@ -66,14 +71,20 @@ RECORD_CASES = {
     "missing image": (spoil(lambda r: r.update(image="images/missing.png")), r"image images/missing.png not found"),
     "corrupt png": (spoil(lambda r: r.update(image="images/broken.png")), r"image images/broken.png cannot be read"),
     "corrupt jpeg": (spoil(lambda r: r.update(image="images/broken.jpg")), r"image images/broken.jpg cannot be read"),
-    "more placeholders than images": (spoil(lambda r: r["conversations"][2].update(value="<image>\nIs it?")),
-                                      r"2 <image> placeholders but 1 image"),
-    "unknown speaker": (spoil(lambda r: r["conversations"][1].update({"from": "assistant"})),
-                        r"turn 1 is from 'assistant'; expected 'human' or 'gpt'"),
+    "more placeholders than images": (
+        spoil(lambda r: r["conversations"][2].update(value="<image>\nIs it?")),
+        r"2 <image> placeholders but 1 image",
+    ),
+    "unknown speaker": (
+        spoil(lambda r: r["conversations"][1].update({"from": "assistant"})),
+        r"turn 1 is from 'assistant'; expected 'human' or 'gpt'",
+    ),
     "wrong order": (spoil(lambda r: r["conversations"].reverse()), r"turn 0 is from 'gpt' where 'human' should be"),
     "empty answer": (spoil(lambda r: r["conversations"][1].update(value="  ")), r"turn 1 is an empty answer"),
-    "image leaving the folder": (spoil(lambda r: r.update(image="../outside.png")),
-                                 r"image path \.\./outside\.png leaves the image folder"),
+    "image leaving the folder": (
+        spoil(lambda r: r.update(image="../outside.png")),
+        r"image path \.\./outside\.png leaves the image folder",
+    ),
     "non-utf-8 bytes": (non_utf8, r"not UTF-8 text"),
     "longer than max_length": (spoil(long_question), r"max_length 90 leaves nothing to train on"),
 }
@@ -110,8 +121,9 @@ def test_a_file_that_is_not_a_list_of_records_is_the_usual_one_line_error(name, 
     path.write_text(text)
     assert check(path) == 2
     out, err = capsys.readouterr()
-    assert re.fullmatch(rf"sts: error: {re.escape(str(path))} is not a JSON list of LLaVA records: {problem}.*\n",
-                        err), err
+    assert re.fullmatch(
+        rf"sts: error: {re.escape(str(path))} is not a JSON list of LLaVA records: {problem}.*\n", err
+    ), err
     assert "Traceback" not in out + err
 
 
@@ -131,8 +143,10 @@ def test_every_bad_record_is_listed(folder, synth_data, capsys):
     records[3]["image"] = "images/broken.png"
     assert check(write(folder, records)) == 1
     lines = capsys.readouterr().out.splitlines()
-    assert [line.split(": ")[0].split(", ")[-1] for line in lines[:-1]] == ["record 0 (id train-000000)",
-                                                                            "record 3 (id train-000003)"]
+    assert [line.split(": ")[0].split(", ")[-1] for line in lines[:-1]] == [
+        "record 0 (id train-000000)",
+        "record 3 (id train-000003)",
+    ]
     assert lines[-1] == "4 records, 2 bad"
 
 
@@ -164,7 +178,10 @@ def test_skip_leaves_bad_records_out_even_in_dataloader_workers(folder, synth_da
     dataset.validate()
     assert len(dataset) == 5 and dataset.skipped == 3
     assert [line.split(": ")[0].split(", ")[-1] for line in caplog.messages] == [
-        "record 1 (id train-000000)", "record 4 (id train-000001)", "record 6 (id train-000002)"]
+        "record 1 (id train-000000)",
+        "record 4 (id train-000001)",
+        "record 6 (id train-000002)",
+    ]
     loader = DataLoader(dataset, batch_size=2, num_workers=2, collate_fn=Collator(processor.tokenizer.pad_token_id))
     rows = [ids[mask.bool()] for batch in loader for ids, mask in zip(batch["input_ids"], batch["attention_mask"])]
     reference = LlavaDataset(path, processor)
@@ -183,8 +200,10 @@ def test_a_bad_sample_found_in_a_dataloader_worker_is_one_line(folder, synth_dat
     with pytest.raises(DataError) as raised:
         list(DataLoader(dataset, batch_size=2, num_workers=1, collate_fn=Collator(0)))
     assert "Traceback" in str(raised.value), "PyTorch puts the worker's traceback in the message"
-    assert re.fullmatch(r".*data.json, record 1 \(id train-000001\): image images/broken.png cannot be read \(.*\)",
-                        raised.value.headline)
+    assert re.fullmatch(
+        r".*data.json, record 1 \(id train-000001\): image images/broken.png cannot be read \(.*\)",
+        raised.value.headline,
+    )
 
 
 def test_skipping_changes_nothing_a_good_record_encodes_to(synth_data, processor):
@@ -202,8 +221,14 @@ def test_sts_train_stops_at_a_bad_record_or_skips_and_counts_them(mode, folder, 
 
     records, good = mixed(folder, synth_data)
     path = write(folder, records)
-    overrides = [*tiny_overrides(synth_data, tmp_path / "run"), f"data.train={path}", "stages.0.data=null",
-                 "stages.0.batch_size=2", "stages.1.batch_size=2", f"data.on_bad_sample={mode}"]
+    overrides = [
+        *tiny_overrides(synth_data, tmp_path / "run"),
+        f"data.train={path}",
+        "stages.0.data=null",
+        "stages.0.batch_size=2",
+        "stages.1.batch_size=2",
+        f"data.on_bad_sample={mode}",
+    ]
     status = main(["train", "demo", *overrides])
     out, err = capsys.readouterr()
     if mode == "error":

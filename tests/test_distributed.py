@@ -9,9 +9,9 @@ import pytest
 import torch
 from transformers import AutoModelForImageTextToText
 
-from sts.config import ConfigError
-from sts.models.tiny import build_model
-from sts.train import engine_arguments
+from sts.cli.models.tiny import build_model
+from sts.cli.recipes import ConfigError
+from sts.cli.train import engine_arguments
 from tests.traced_run import SIZES, launch, recipe
 
 
@@ -35,9 +35,17 @@ def assert_ranks_agree(traces: list[list[dict]]) -> None:
 def test_ddp_on_two_processes_trains_as_one_process_with_accumulation(synth_data, tmp_path):
     compressor_only = ["vtc.strategy=uniform", "lds=null"]
     traces = launch(2, tmp_path / "two", *recipe(synth_data, tmp_path / "two", *compressor_only))
-    launch(1, tmp_path / "one", *recipe(synth_data, tmp_path / "one", *compressor_only,
-                                        "stages.0.gradient_accumulation_steps=2",
-                                        "stages.1.gradient_accumulation_steps=2"))
+    launch(
+        1,
+        tmp_path / "one",
+        *recipe(
+            synth_data,
+            tmp_path / "one",
+            *compressor_only,
+            "stages.0.gradient_accumulation_steps=2",
+            "stages.1.gradient_accumulation_steps=2",
+        ),
+    )
     assert_ranks_agree(traces)
     assert any(forward["visual_tokens_kept"] < 4 * 64 for step in traces[0] for forward in step["forwards"])
     for stage in ("align", "instruct"):
@@ -45,8 +53,18 @@ def test_ddp_on_two_processes_trains_as_one_process_with_accumulation(synth_data
 
 
 def test_ddp_ranks_skip_the_same_layers_in_every_micro_batch(synth_data, tmp_path):
-    traces = launch(2, tmp_path, *recipe(synth_data, tmp_path / "run", "lds.alpha=0.9", "stages.1.max_steps=4",
-                                         "stages.1.gradient_accumulation_steps=2", "stages.1.save_steps=2"))
+    traces = launch(
+        2,
+        tmp_path,
+        *recipe(
+            synth_data,
+            tmp_path / "run",
+            "lds.alpha=0.9",
+            "stages.1.max_steps=4",
+            "stages.1.gradient_accumulation_steps=2",
+            "stages.1.save_steps=2",
+        ),
+    )
     assert_ranks_agree(traces)
     assert all(len(step["forwards"]) == 2 for step in traces[0][2:])
     assert any(forward["skipped_layers"] for step in traces[0] for forward in step["forwards"])
@@ -71,8 +89,11 @@ def assert_only_layers_run_are_gathered(steps: list[dict]) -> None:
     skipped; and some step skipped a layer."""
     for step in steps:
         skipped = set(step["forwards"][0]["skipped_layers"])
-        gathered = {int(found.group(1)) for name in step["gathered"]
-                    if (found := re.search(r"language_model\.layers\.(\d+)", str(name)))}
+        gathered = {
+            int(found.group(1))
+            for name in step["gathered"]
+            if (found := re.search(r"language_model\.layers\.(\d+)", str(name)))
+        }
         assert gathered == set(range(SIZES.text_layers)) - skipped, f"step {step['step']}"
     assert any(step["forwards"][0]["skipped_layers"] for step in steps)
 
@@ -85,8 +106,18 @@ def test_fsdp_never_gathers_a_skipped_layer(synth_data, tmp_path):
 
 @pytest.mark.parametrize("engine", ["zero2", "zero3"])
 def test_deepspeed_zero_trains_with_the_skipper_on(engine, synth_data, tmp_path):
-    traces = launch(2, tmp_path, *recipe(synth_data, tmp_path / "run", f"distributed={engine}", "lds.alpha=0.9",
-                                         "stages.1.max_steps=4", "stages.1.save_steps=2"))
+    traces = launch(
+        2,
+        tmp_path,
+        *recipe(
+            synth_data,
+            tmp_path / "run",
+            f"distributed={engine}",
+            "lds.alpha=0.9",
+            "stages.1.max_steps=4",
+            "stages.1.save_steps=2",
+        ),
+    )
     assert_ranks_agree(traces)
     if engine == "zero3":  # the shipped config does not prefetch: prefetching follows the last step's layers
         assert_only_layers_run_are_gathered(traces[0][2:])  # instruction tuning, after alignment's 2 steps
@@ -102,7 +133,7 @@ def test_log_lines_of_a_distributed_run_name_their_rank(monkeypatch):
 
     from transformers.utils import logging as hf_logging
 
-    from sts.distributed import label_logs_with_rank
+    from sts.cli.distributed import label_logs_with_rank
 
     monkeypatch.setenv("RANK", "1")
     monkeypatch.setenv("WORLD_SIZE", "2")

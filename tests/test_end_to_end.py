@@ -4,16 +4,24 @@ import pytest
 import torch
 
 from sts.cli import main
-from sts.data.llava import LlavaDataset
+from sts.cli.data.dataset import LlavaDataset
 from tests.conftest import TEST_SIZES
 
 
 def tiny_overrides(synth_data, out):
     sizes = [f"model.tiny.{k}={v}" for k, v in TEST_SIZES.model_dump().items()]
-    return [f"data.train={synth_data['train']}", f"stages.0.data.train={synth_data['align']}",
-            f"output_dir={out}", "model.base=false",
-            "stages.0.max_steps=3", "stages.1.max_steps=3", "stages.0.batch_size=8",
-            "stages.1.batch_size=8", "stages.0.logging_steps=1", *sizes]
+    return [
+        f"data.train={synth_data['train']}",
+        f"stages.0.data.train={synth_data['align']}",
+        f"output_dir={out}",
+        "model.base=false",
+        "stages.0.max_steps=3",
+        "stages.1.max_steps=3",
+        "stages.0.batch_size=8",
+        "stages.1.batch_size=8",
+        "stages.0.logging_steps=1",
+        *sizes,
+    ]
 
 
 def test_train_then_eval_through_the_cli(synth_data, tmp_path, capsys):
@@ -30,8 +38,20 @@ def test_train_then_eval_through_the_cli(synth_data, tmp_path, capsys):
     assert not torch.equal(align[lm_key], final[lm_key]), "stage 2 trains the language model"
     assert torch.equal(align[tower_key], final[tower_key]), "the vision tower stays frozen"
 
-    assert main(["eval", "--model", str(model_dir), "--data", str(synth_data["test"]),
-                 "--json", str(tmp_path / "eval.json")]) == 0
+    assert (
+        main(
+            [
+                "eval",
+                "--model",
+                str(model_dir),
+                "--data",
+                str(synth_data["test"]),
+                "--json",
+                str(tmp_path / "eval.json"),
+            ]
+        )
+        == 0
+    )
     result = json.loads((tmp_path / "eval.json").read_text())
     assert result["questions"] == 6 * 2
     assert set(result["per_type"]) == {"colour", "shape", "count", "exist", "position"}
@@ -40,8 +60,8 @@ def test_train_then_eval_through_the_cli(synth_data, tmp_path, capsys):
 
 
 def test_stage_one_trains_only_the_projector(synth_data, tmp_path):
-    from sts.config import load_recipe
-    from sts.train import initial_model, run_stage
+    from sts.cli.recipes import load_recipe
+    from sts.cli.train import initial_model, run_stage
 
     recipe = load_recipe("demo", tiny_overrides(synth_data, tmp_path))
     model, processor = initial_model(recipe)
@@ -58,8 +78,15 @@ def test_cli_reports_config_errors_in_one_line(synth_data, tmp_path, capsys):
     assert err.startswith("sts: error:") and "stages.0.learning_rat" in err and "\n" not in err
 
 
-@pytest.mark.parametrize("command", [["bench", "--steps", "0"], ["eval", "--model", "m", "--data", "d", "--limit", "0"],
-                                     ["demo", "--train", "-5"], ["data", "check", "d.json", "--max-length", "x"]])
+@pytest.mark.parametrize(
+    "command",
+    [
+        ["bench", "--steps", "0"],
+        ["eval", "--model", "m", "--data", "d", "--limit", "0"],
+        ["demo", "--train", "-5"],
+        ["data", "check", "d.json", "--max-length", "x"],
+    ],
+)
 def test_a_bad_number_on_the_command_line_is_one_line(command, capsys):
     with pytest.raises(SystemExit) as exit:
         main(command)
@@ -76,11 +103,18 @@ def test_eval_of_missing_model_is_a_clear_error(synth_data, tmp_path, capsys):
 def test_demo_compares_the_recipes_over_seeds_and_writes_results(tmp_path):
     import statistics
 
-    from sts.demo import EQUAL_TIME, RECIPES, run_demo
+    from sts.cli.demo import EQUAL_TIME, RECIPES, run_demo
 
     sizes = [f"model.tiny.{k}={v}" for k, v in TEST_SIZES.model_dump().items()]
-    steps = ["stages.0.max_steps=6", "stages.1.max_steps=6", "stages.0.batch_size=8", "stages.1.batch_size=8",
-             "stages.0.logging_steps=1", "stages.1.logging_steps=1", "model.base=false"]
+    steps = [
+        "stages.0.max_steps=6",
+        "stages.1.max_steps=6",
+        "stages.0.batch_size=8",
+        "stages.1.batch_size=8",
+        "stages.0.logging_steps=1",
+        "stages.1.logging_steps=1",
+        "model.base=false",
+    ]
     results = run_demo(tmp_path, train=24, test=3, seed=1, extra=[*sizes, *steps], seeds=[1, 2])
     saved = json.loads((tmp_path / "results.json").read_text())
     assert saved["seeds"] == [1, 2]
@@ -93,7 +127,10 @@ def test_demo_compares_the_recipes_over_seeds_and_writes_results(tmp_path):
             assert (tmp_path / name / f"seed-{seed}" / "instruct" / "model" / "config.json").exists()
         accuracies = [seeded["accuracy"] for seeded in run["seeds"].values()]
         assert run["accuracy"] == statistics.mean(accuracies)
-        assert (run["spread"]["accuracy"]["min"], run["spread"]["accuracy"]["max"]) == (min(accuracies), max(accuracies))
+        assert (run["spread"]["accuracy"]["min"], run["spread"]["accuracy"]["max"]) == (
+            min(accuracies),
+            max(accuracies),
+        )
         assert run["train_seconds"] == statistics.mean(s["train_seconds"] for s in run["seeds"].values()) > 0
     baseline, sparse = saved["runs"]["baseline"], saved["runs"]["sts"]
     assert baseline["speedup"] == 1.0 and baseline["flops_ideal_speedup"] == 1.0
@@ -114,18 +151,24 @@ def test_demo_compares_the_recipes_over_seeds_and_writes_results(tmp_path):
 
 
 def test_a_stage_saves_checkpoints_and_resumes_from_one(synth_data, tmp_path):
-    from sts.config import load_recipe
-    from sts.train import run_recipe
+    from sts.cli.recipes import load_recipe
+    from sts.cli.train import run_recipe
 
-    saving = [*tiny_overrides(synth_data, tmp_path), "stages.1.max_steps=6", "stages.1.save_steps=2",
-              "stages.1.save_total_limit=2", "stages.1.logging_steps=1"]
+    saving = [
+        *tiny_overrides(synth_data, tmp_path),
+        "stages.1.max_steps=6",
+        "stages.1.save_steps=2",
+        "stages.1.save_total_limit=2",
+        "stages.1.logging_steps=1",
+    ]
     run_recipe(load_recipe("demo", saving))
     checkpoints = sorted(p.name for p in (tmp_path / "instruct").glob("checkpoint-*"))
     assert checkpoints == ["checkpoint-4", "checkpoint-6"], "every 2 steps, the newest two kept"
 
     resume = tmp_path / "instruct" / "checkpoint-4"
-    resumed = run_recipe(load_recipe("demo", [*saving, f"stages.1.resume_from_checkpoint={resume}",
-                                              "stages.1.save_steps=0"]))
+    resumed = run_recipe(
+        load_recipe("demo", [*saving, f"stages.1.resume_from_checkpoint={resume}", "stages.1.save_steps=0"])
+    )
     instruct = resumed["stages"][1]
     assert [step for _, step, _ in instruct["losses"]] == [5, 6], "steps 1-4 came from the checkpoint"
     from transformers import AutoModelForImageTextToText
@@ -141,8 +184,8 @@ def test_resuming_from_a_missing_checkpoint_is_a_clear_error(synth_data, tmp_pat
 
 
 def test_a_stage_trains_on_length_grouped_batches(synth_data, tmp_path, monkeypatch):
-    from sts.config import load_recipe
-    from sts.train import run_recipe
+    from sts.cli.recipes import load_recipe
+    from sts.cli.train import run_recipe
 
     counted = []
     original = LlavaDataset.lengths

@@ -37,9 +37,11 @@ def test_plain_loop_example_moves_the_skipper_schedule(example):
 
 
 def test_lora_example_merges_into_a_plain_model(example, tmp_path):
-    from sts.models.families import save_tiny
+    from sts.cli.models.families import save_tiny
 
-    original = AutoModelForImageTextToText.from_pretrained(save_tiny("LlavaForConditionalGeneration", tmp_path / "base"))
+    original = AutoModelForImageTextToText.from_pretrained(
+        save_tiny("LlavaForConditionalGeneration", tmp_path / "base")
+    )
     history = example("lora").main(["--steps", "6", "--model", str(tmp_path / "base"), "--out", str(tmp_path / "run")])
     assert any(line.get("sts/lm_seq_len", 99) < line.get("sts/input_seq_len", 0) for line in history)
     merged = AutoModelForImageTextToText.from_pretrained(tmp_path / "run" / "model").state_dict()
@@ -65,9 +67,19 @@ def test_sts_wrapped_before_trl_is_a_clear_error_not_a_silent_bypass(example, tm
 
     model_path, data = example("_tiny").model_and_data(None, None, tmp_path, "Qwen2_5_VLForConditionalGeneration")
     model = sts.apply_sts(AutoModelForImageTextToText.from_pretrained(model_path), {"vtc": {"strategy": "pool"}})
-    trainer = SFTTrainer(model=model, args=SFTConfig(output_dir=str(tmp_path / "out"), max_steps=2, report_to="none",
-                                                     per_device_train_batch_size=4, bf16=False, max_length=None),
-                         train_dataset=example("sft_trainer").trl_rows(data),
-                         processing_class=AutoProcessor.from_pretrained(model_path), callbacks=[sts.STSCallback()])
+    trainer = SFTTrainer(
+        model=model,
+        args=SFTConfig(
+            output_dir=str(tmp_path / "out"),
+            max_steps=2,
+            report_to="none",
+            per_device_train_batch_size=4,
+            bf16=False,
+            max_length=None,
+        ),
+        train_dataset=example("sft_trainer").trl_rows(data),
+        processing_class=AutoProcessor.from_pretrained(model_path),
+        callbacks=[sts.STSCallback()],
+    )
     with pytest.raises(ValueError, match=r"call sts.apply_sts\(trainer.model"):
         trainer.train()

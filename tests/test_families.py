@@ -13,22 +13,37 @@ from transformers import AutoModelForImageTextToText, AutoProcessor
 import sts
 from sts.adapters import get_adapter, supported
 from sts.cli import main
-from sts.data.llava import IGNORE_INDEX, Collator, encode
-from sts.models.families import save_tiny
+from sts.cli.data.collate import Collator
+from sts.cli.data.render import encode
+from sts.cli.models.families import save_tiny
+from sts.cut import IGNORE_INDEX
 from sts.patch import capture_features
 from sts.vtc import STRATEGIES
 
 FAMILIES = supported()
 RECORDS = [
-    {"id": "two", "image": ["wide.png", "tall.png"],
-     "conversations": [{"from": "human", "value": "<image>\n<image>\nWhat color is the circle ?"},
-                       {"from": "gpt", "value": "red"},
-                       {"from": "human", "value": "How many squares are there ?"}, {"from": "gpt", "value": "2"}]},
-    {"id": "text", "conversations": [{"from": "human", "value": "Is there a red circle ?"},
-                                     {"from": "gpt", "value": "no"}]},
-    {"id": "one", "image": "square.png",
-     "conversations": [{"from": "human", "value": "<image>\nWhich side is the blue square on ?"},
-                       {"from": "gpt", "value": "left"}]},
+    {
+        "id": "two",
+        "image": ["wide.png", "tall.png"],
+        "conversations": [
+            {"from": "human", "value": "<image>\n<image>\nWhat color is the circle ?"},
+            {"from": "gpt", "value": "red"},
+            {"from": "human", "value": "How many squares are there ?"},
+            {"from": "gpt", "value": "2"},
+        ],
+    },
+    {
+        "id": "text",
+        "conversations": [{"from": "human", "value": "Is there a red circle ?"}, {"from": "gpt", "value": "no"}],
+    },
+    {
+        "id": "one",
+        "image": "square.png",
+        "conversations": [
+            {"from": "human", "value": "<image>\nWhich side is the blue square on ?"},
+            {"from": "gpt", "value": "left"},
+        ],
+    },
 ]
 SIZES = {"wide.png": (80, 48), "tall.png": (48, 96), "square.png": (64, 64)}
 
@@ -65,7 +80,8 @@ def language_model_inputs(model, batch, cfg=None):
     seen = []
     adapter = get_adapter(model)
     handle = adapter.language_model().register_forward_pre_hook(
-        lambda module, args, kwargs: seen.append(kwargs), with_kwargs=True)
+        lambda module, args, kwargs: seen.append(kwargs), with_kwargs=True
+    )
     if cfg is not None:
         sts.apply_sts(model, cfg)
     with torch.no_grad():
@@ -184,7 +200,8 @@ def test_skipping_a_layer_is_running_it_as_an_identity(family):
     k = 1  # Qwen3-VL's tiny model adds DeepStack features after layers 0 and 1
     reference = copy.deepcopy(model)
     get_adapter(reference).decoder_layers()[k].register_forward_hook(
-        lambda module, args, kwargs, output: args[0] if args else kwargs["hidden_states"], with_kwargs=True)
+        lambda module, args, kwargs, output: args[0] if args else kwargs["hidden_states"], with_kwargs=True
+    )
     expected = reference(**batch).loss
     sts.apply_sts(model, {"lds": {"alpha": 1.0, "epsilon": 0.0, "protect_first": k, "protect_last": layers - k - 1}})
     sts.set_progress(model, 0, 10)
@@ -196,26 +213,51 @@ def test_skipping_a_layer_is_running_it_as_an_identity(family):
 
 def test_a_few_sts_train_steps_run(family, images, tmp_path):
     *_, folder = family
-    steps = [f"stages.{i}.{key}={value}" for i in (0, 1)
-             for key, value in (("max_steps", 2), ("batch_size", 3), ("logging_steps", 1))]
-    assert main(["train", "demo", f"model.path={folder}", f"data.train={images / 'train.json'}",
-                 f"stages.0.data.train={images / 'train.json'}", f"output_dir={tmp_path}", *steps]) == 0
+    steps = [
+        f"stages.{i}.{key}={value}"
+        for i in (0, 1)
+        for key, value in (("max_steps", 2), ("batch_size", 3), ("logging_steps", 1))
+    ]
+    assert (
+        main(
+            [
+                "train",
+                "demo",
+                f"model.path={folder}",
+                f"data.train={images / 'train.json'}",
+                f"stages.0.data.train={images / 'train.json'}",
+                f"output_dir={tmp_path}",
+                *steps,
+            ]
+        )
+        == 0
+    )
     trained = AutoModelForImageTextToText.from_pretrained(tmp_path / "instruct" / "model")
     assert type(trained).__name__ == type(family[0]).__name__
 
 
-@pytest.mark.parametrize("recipe, name", [("llava-1.5", "LlavaForConditionalGeneration"),
-                                          ("llava-onevision", "LlavaOnevisionForConditionalGeneration"),
-                                          ("qwen2.5-vl", "Qwen2_5_VLForConditionalGeneration")])
+@pytest.mark.parametrize(
+    "recipe, name",
+    [
+        ("llava-1.5", "LlavaForConditionalGeneration"),
+        ("llava-onevision", "LlavaOnevisionForConditionalGeneration"),
+        ("qwen2.5-vl", "Qwen2_5_VLForConditionalGeneration"),
+    ],
+)
 def test_shipped_recipes_train_their_family(recipe, name, images, tmp_path):
     """Each shipped real-model recipe runs as written (gradient checkpointing included) on a
     tiny checkpoint of its family; only the paths, sizes and precision are overridden."""
     folder = save_tiny(name, tmp_path / "model")
-    steps = [f"stages.{i}.{key}={value}" for i in (0, 1)
-             for key, value in (("max_steps", 1), ("batch_size", 3), ("gradient_accumulation_steps", 1),
-                                ("bf16", "false"))]
-    data = [f"{prefix}.{key}={value}" for prefix in ("data", "stages.0.data")
-            for key, value in (("train", images / "train.json"), ("images", images))]
+    steps = [
+        f"stages.{i}.{key}={value}"
+        for i in (0, 1)
+        for key, value in (("max_steps", 1), ("batch_size", 3), ("gradient_accumulation_steps", 1), ("bf16", "false"))
+    ]
+    data = [
+        f"{prefix}.{key}={value}"
+        for prefix in ("data", "stages.0.data")
+        for key, value in (("train", images / "train.json"), ("images", images))
+    ]
     assert main(["train", recipe, f"model.path={folder}", *data, f"output_dir={tmp_path / 'run'}", *steps]) == 0
     assert (tmp_path / "run" / "instruct" / "model" / "config.json").exists()
 
@@ -223,8 +265,9 @@ def test_shipped_recipes_train_their_family(recipe, name, images, tmp_path):
 def test_an_unknown_model_is_a_clear_error_naming_the_supported_classes():
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    model = LlamaForCausalLM(LlamaConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=1,
-                                         num_attention_heads=2, vocab_size=10))
+    model = LlamaForCausalLM(
+        LlamaConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2, vocab_size=10)
+    )
     with pytest.raises(TypeError, match="no adapter for LlamaForCausalLM") as error:
         sts.apply_sts(model, {"vtc": {}})
     assert all(name in str(error.value) for name in FAMILIES) and "docs/adapters.md" in str(error.value)
@@ -234,8 +277,9 @@ def test_proportional_attention_weighs_pooled_tokens_on_every_family(family):
     """The 4-D mask reaches the decoder with each pooled token weighted as its window: the
     last real query of a row weighs as many tokens as the row had before pooling."""
     model, batch = fresh(family)
-    cut = language_model_inputs(model, batch, {"vtc": {"strategy": "pool", "keep_ratio": 0.25,
-                                                       "proportional_attention": True}})
+    cut = language_model_inputs(
+        model, batch, {"vtc": {"strategy": "pool", "keep_ratio": 0.25, "proportional_attention": True}}
+    )
     mask = cut["attention_mask"]
     assert mask.dim() == 4
     for row in range(3):

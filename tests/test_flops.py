@@ -5,9 +5,10 @@ from torch.utils.flop_counter import FlopCounterMode
 
 import sts
 from sts.adapters import get_adapter
-from sts.data.llava import Collator, LlavaDataset
-from sts.flops import Shapes, train_step_flops
-from sts.models.tiny import build_model
+from sts.cli.data.collate import Collator
+from sts.cli.data.dataset import LlavaDataset
+from sts.cli.flops import Shapes, train_step_flops
+from sts.cli.models.tiny import build_model
 from tests.conftest import TEST_SIZES
 
 STAGES = {
@@ -45,16 +46,24 @@ def test_analytic_flops_match_the_flop_counter(batch, stage, sparsity):
         stats = sts.step_stats(model)
         length, layers_run = stats["lm_seq_len"], 6 - len(stats["skipped_layers"])
         assert layers_run < 6 if sparsity == "lds" else length < batch["input_ids"].shape[1]
-    predicted = sum(train_step_flops(Shapes.of(model.config), len(batch["input_ids"]), length,
-                                     len(batch["pixel_values"]), STAGES[stage], layers_run).values())
+    predicted = sum(
+        train_step_flops(
+            Shapes.of(model.config),
+            len(batch["input_ids"]),
+            length,
+            len(batch["pixel_values"]),
+            STAGES[stage],
+            layers_run,
+        ).values()
+    )
     assert predicted == pytest.approx(measured, rel=0.05)
 
 
 def test_llava_15_projection_has_llava_15s_shape():
     """At LLaVA-1.5-7B shapes and data lengths alignment is about 30% of the recipe's FLOPs, and
     the compressor's gain grows with the visual share (93% visual in align, 70% in instruct)."""
-    from sts.config import load_recipe
-    from sts.demo import RECIPES, llava_15_flops
+    from sts.cli.demo import RECIPES, llava_15_flops
+    from sts.cli.recipes import load_recipe
 
     baseline = llava_15_flops(load_recipe("demo", ["data.train=x", *RECIPES["baseline"]]), [1.0, 1.0])
     assert 0.27 < baseline[0] / sum(baseline) < 0.33
@@ -69,18 +78,21 @@ def test_the_demo_is_a_scale_model_of_llava_15_7b_training(synth_data, processor
     """On the demo's data and tiny model, alignment's share of the FLOPs and every demo recipe's
     FLOPs-ideal speedup are within 10% of what they are at LLaVA-1.5-7B's shapes and data, so
     what STS saves in the demo is what it would save there."""
-    from sts.config import load_recipe
-    from sts.data.llava import LlavaDataset
-    from sts.demo import RECIPES, llava_15_flops, recipe_flops
-    from sts.models import tiny
+    from sts.cli.data.dataset import LlavaDataset
+    from sts.cli.demo import RECIPES, llava_15_flops
+    from sts.cli.flops import recipe_flops
+    from sts.cli.models import tiny
+    from sts.cli.recipes import load_recipe
 
     image = processor.tokenizer.convert_tokens_to_ids(processor.image_token)
 
     def text_tokens(dataset) -> float:
         return statistics.mean(int((dataset[i]["input_ids"] != image).sum()) for i in range(len(dataset)))
 
-    lengths = {"align": text_tokens(LlavaDataset(synth_data["align"], processor, template="plain")),
-               "instruct": text_tokens(LlavaDataset(synth_data["train"], processor))}
+    lengths = {
+        "align": text_tokens(LlavaDataset(synth_data["align"], processor, template="plain")),
+        "instruct": text_tokens(LlavaDataset(synth_data["train"], processor)),
+    }
 
     def ideal_speedups(name):
         recipe = load_recipe("demo", ["data.train=x", *RECIPES[name]])

@@ -7,10 +7,11 @@ import pytest
 import torch
 
 import sts
+from sts.cli.data.collate import Collator
+from sts.cli.data.dataset import LlavaDataset
+from sts.cli.models.tiny import build_model
 from sts.config import LDSConfig
-from sts.data.llava import Collator, LlavaDataset
 from sts.lds import draw_skips, skip_probability
-from sts.models.tiny import build_model
 from tests.conftest import TEST_SIZES
 
 LAYERS = 8
@@ -35,7 +36,9 @@ def test_schedule_is_the_papers_formula():
             expected = 0.6 * (1 - progress) ** 2 * (1 + 0.5 * (2 * layer - (LAYERS - 1)) / (LAYERS - 1))
             assert skip_probability(layer, LAYERS, progress, cfg) == pytest.approx(expected)
     protected = LDSConfig(alpha=0.6, protect_first=2, protect_last=1)
-    assert [skip_probability(layer, LAYERS, 0.0, protected) > 0 for layer in range(LAYERS)] == [False] * 2 + [True] * 5 + [False]
+    assert [skip_probability(layer, LAYERS, 0.0, protected) > 0 for layer in range(LAYERS)] == [False] * 2 + [
+        True
+    ] * 5 + [False]
     assert skip_probability(LAYERS - 2, LAYERS, 0.0, LDSConfig(alpha=1.0, epsilon=1.0)) == 1.0  # clipped
 
 
@@ -84,13 +87,22 @@ print(json.dumps([draw_skips(8, step / 40, step, micro, cfg, seed=11) for step i
 
 
 def test_two_processes_with_the_same_seed_draw_the_same_skips():
-    here = [draw_skips(8, step / 40, step, micro, LDSConfig(alpha=0.5, epsilon=0.5), seed=11)
-            for step in range(40) for micro in range(2)]
-    there = json.loads(subprocess.run([sys.executable, "-c", DRAW_IN_ANOTHER_PROCESS], check=True,
-                                      capture_output=True, text=True).stdout)
+    here = [
+        draw_skips(8, step / 40, step, micro, LDSConfig(alpha=0.5, epsilon=0.5), seed=11)
+        for step in range(40)
+        for micro in range(2)
+    ]
+    there = json.loads(
+        subprocess.run(
+            [sys.executable, "-c", DRAW_IN_ANOTHER_PROCESS], check=True, capture_output=True, text=True
+        ).stdout
+    )
     assert here == there and any(here)
-    other_seed = [draw_skips(8, step / 40, step, micro, LDSConfig(alpha=0.5, epsilon=0.5), seed=12)
-                  for step in range(40) for micro in range(2)]
+    other_seed = [
+        draw_skips(8, step / 40, step, micro, LDSConfig(alpha=0.5, epsilon=0.5), seed=12)
+        for step in range(40)
+        for micro in range(2)
+    ]
     assert other_seed != here
 
 

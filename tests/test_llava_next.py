@@ -9,7 +9,7 @@ from PIL import Image
 from transformers import AutoModelForImageTextToText, AutoProcessor
 from transformers.models.llava_next.modeling_llava_next import get_anyres_image_grid_shape, unpad_image
 
-from sts.models.families import save_tiny
+from sts.cli.models.families import save_tiny
 from sts.vtc import STRATEGIES, kept_count
 from tests.test_families import language_model_inputs, units_per_row
 
@@ -24,14 +24,17 @@ def tiny(name, folder):
 
 def pictures() -> list:
     generator = torch.Generator().manual_seed(0)
-    return [Image.fromarray(torch.randint(0, 255, (h, w, 3), generator=generator, dtype=torch.uint8).numpy())
-            for w, h in SIZES.values()]
+    return [
+        Image.fromarray(torch.randint(0, 255, (h, w, 3), generator=generator, dtype=torch.uint8).numpy())
+        for w, h in SIZES.values()
+    ]
 
 
 def one_image_per_sample(processor) -> dict:
     images = pictures()
-    return dict(processor(text=[PROMPT] * len(images), images=[[image] for image in images], padding=True,
-                          return_tensors="pt"))
+    return dict(
+        processor(text=[PROMPT] * len(images), images=[[image] for image in images], padding=True, return_tensors="pt")
+    )
 
 
 @pytest.fixture(scope="module", params=["LlavaNextForConditionalGeneration", "LlavaOnevisionForConditionalGeneration"])
@@ -122,8 +125,9 @@ def test_grid_strategies_keep_and_pool_on_the_2d_tile_grid(family, strategy):
             continue
         assert cells == [(a, b) for a in range(0, rows, 2) for b in range(0, cols, 2)], "2 x 2 windows' corners"
         for (a, b), pooled in zip(cells, embeds[in_tiles][on_grid]):
-            window = [start + i * (cols + 1) + j
-                      for i in range(a, min(a + 2, rows)) for j in range(b, min(b + 2, cols))]
+            window = [
+                start + i * (cols + 1) + j for i in range(a, min(a + 2, rows)) for j in range(b, min(b + 2, cols))
+            ]
             assert torch.allclose(pooled, full["inputs_embeds"][row, window].mean(0), atol=1e-6)
 
 
@@ -136,11 +140,13 @@ def test_onevision_single_crops_and_shrunk_tile_grids(tmp_path):
     model, processor = tiny("LlavaOnevisionForConditionalGeneration", tmp_path)
     side, images = side_of(model), pictures()
     # Several images in one sample: each is seen as one crop, its base grid then one newline.
-    batch = dict(processor(text=[PROMPT.replace("<image>", "<image> " * len(images))], images=[images],
-                           return_tensors="pt"))
+    batch = dict(
+        processor(text=[PROMPT.replace("<image>", "<image> " * len(images))], images=[images], return_tensors="pt")
+    )
     [units] = units_per_row(model, batch)
-    assert [(u.size, u.grid, u.candidates.tolist()) for u in units] == \
-        [(side * side + 1, (side, side), list(range(side * side)))] * len(images)
+    assert [(u.size, u.grid, u.candidates.tolist()) for u in units] == [
+        (side * side + 1, (side, side), list(range(side * side)))
+    ] * len(images)
     assert newlines_received(model, batch, "pool") == [len(images)]
     # Over anyres_max_N tiles' worth of tokens the tile grid is shrunk before the newlines are added.
     model.config.vision_aspect_ratio = processor.vision_aspect_ratio = "anyres_max_1"

@@ -4,7 +4,8 @@ import sys
 
 import torch
 
-from sts.models.tiny import BASE_WEIGHTS, TinyModelConfig, build_model, build_processor, is_base_part
+from sts.cli.models.tiny import BASE_WEIGHTS, build_model, build_processor, is_base_part
+from sts.cli.recipes import TinyModelConfig
 from tests.conftest import TEST_SIZES
 
 
@@ -44,10 +45,15 @@ def test_save_pretrained_round_trip_offline_without_sts(tmp_path):
     model.save_pretrained(tmp_path / "m")
     processor.save_pretrained(tmp_path / "m")
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "PYTHONPATH": ""}
-    subprocess.run([sys.executable, "-c", LOAD_WITHOUT_STS, str(tmp_path / "m"), str(tmp_path / "logits.pt")],
-                   check=True, env=env, cwd=tmp_path)
-    inputs = processor(text="USER: <image>\nHow many circles are there? ASSISTANT:", images=torch.zeros(3, 64, 64),
-                       return_tensors="pt")
+    subprocess.run(
+        [sys.executable, "-c", LOAD_WITHOUT_STS, str(tmp_path / "m"), str(tmp_path / "logits.pt")],
+        check=True,
+        env=env,
+        cwd=tmp_path,
+    )
+    inputs = processor(
+        text="USER: <image>\nHow many circles are there? ASSISTANT:", images=torch.zeros(3, 64, 64), return_tensors="pt"
+    )
     inputs.pop("token_type_ids", None)
     with torch.no_grad():
         expected = model(**inputs).logits

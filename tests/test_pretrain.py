@@ -1,12 +1,14 @@
 import torch
 
-from sts.config import TinyModelConfig
-from sts.pretrain import NUM_CONTENTS, patch_targets
+from sts.cli.pretrain import NUM_CONTENTS, patch_targets
+from sts.cli.recipes import TinyModelConfig
 
 
 def test_each_patch_is_labelled_with_its_grid_cell():
-    scene = [{"colour": "red", "shape": "circle", "row": 0, "col": 3},
-             {"colour": "cyan", "shape": "triangle", "row": 2, "col": 1}]
+    scene = [
+        {"colour": "red", "shape": "circle", "row": 0, "col": 3},
+        {"colour": "cyan", "shape": "triangle", "row": 2, "col": 1},
+    ]
     targets = patch_targets([scene], TinyModelConfig()).reshape(8, 8)
     red_circle, cyan_triangle = 1, 1 + 5 * 3 + 2
     assert (targets[0:2, 6:8] == red_circle).all()
@@ -18,7 +20,7 @@ def test_each_patch_is_labelled_with_its_grid_cell():
 def test_shipped_base_weights_keep_pretraining_state_out_of_the_model():
     from safetensors.torch import load_file
 
-    from sts.models.tiny import BASE_WEIGHTS, EXTRA_PREFIX, build_model
+    from sts.cli.models.tiny import BASE_WEIGHTS, EXTRA_PREFIX, build_model
 
     stored = load_file(str(BASE_WEIGHTS))
     model_keys = set(build_model(base=False).state_dict())
@@ -29,10 +31,10 @@ def test_shipped_base_weights_keep_pretraining_state_out_of_the_model():
 def test_shipped_base_language_model_answers_every_question_type_from_symbolic_scenes(tmp_path):
     """The base LM must already reason over a scene, so the demo's stages only have to teach
     the projector (and LM) to see; position included, the type that once sat at chance."""
-    from sts.data.llava import LlavaDataset
-    from sts.data.synth import QUESTION_TYPES, generate
-    from sts.models.tiny import BASE_WEIGHTS, build_model, build_processor, load_extra
-    from sts.pretrain import EMPTY_KEY, SceneBatches, SymbolicAnswers, held_out_accuracy
+    from sts.cli.data.dataset import LlavaDataset
+    from sts.cli.data.synth import QUESTION_TYPES, generate
+    from sts.cli.models.tiny import BASE_WEIGHTS, build_model, build_processor, load_extra
+    from sts.cli.pretrain import EMPTY_KEY, SceneBatches, SymbolicAnswers, held_out_accuracy
 
     cfg = TinyModelConfig()
     paths = generate(tmp_path, train=1, test=48, seed=99, questions=10)
@@ -47,10 +49,10 @@ def test_shipped_base_language_model_answers_every_question_type_from_symbolic_s
 def test_shipped_base_language_model_describes_symbolic_scenes(tmp_path):
     """Alignment trains the projector on captions with the language model frozen, so the base
     LM must already caption a scene (LLaVA-1.5's plain format), as a real LLM can describe."""
-    from sts.data.llava import LlavaDataset
-    from sts.data.synth import generate
-    from sts.models.tiny import BASE_WEIGHTS, build_model, build_processor, load_extra
-    from sts.pretrain import EMPTY_KEY, SceneBatches, SymbolicAnswers, held_out_accuracy
+    from sts.cli.data.dataset import LlavaDataset
+    from sts.cli.data.synth import generate
+    from sts.cli.models.tiny import BASE_WEIGHTS, build_model, build_processor, load_extra
+    from sts.cli.pretrain import EMPTY_KEY, SceneBatches, SymbolicAnswers, held_out_accuracy
 
     cfg = TinyModelConfig()
     paths = generate(tmp_path, train=1, test=1, seed=98, align=48)

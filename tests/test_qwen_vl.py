@@ -4,7 +4,7 @@ import pytest
 import torch
 from transformers import AutoModelForImageTextToText, AutoProcessor
 
-from sts.models.families import save_tiny
+from sts.cli.models.families import save_tiny
 from tests.test_families import language_model_inputs
 
 FRAMES, HEIGHT, WIDTH = 2, 8, 8  # video patches; 2 x 2 merged: 4 x 4 = 16 tokens per temporal group
@@ -24,20 +24,26 @@ def video_batch(model, tokenizer, groups_apart: bool) -> dict:
     runs = [PER_GROUP] * FRAMES if groups_apart else [PER_GROUP * FRAMES]
     for n in runs:
         ids += [config.vision_start_token_id] + [config.video_token_id] * n + [config.vision_end_token_id]
-    ids += tokenizer("How many squares are there ? <|im_end|> <|im_start|> assistant 2 <|im_end|>",
-                     add_special_tokens=False)["input_ids"]
+    ids += tokenizer(
+        "How many squares are there ? <|im_end|> <|im_start|> assistant 2 <|im_end|>", add_special_tokens=False
+    )["input_ids"]
     ids = torch.tensor([ids])
     labels = torch.full_like(ids, -100)
     labels[0, -2:] = ids[0, -2:]
     patch = 3 * 2 * 8 * 8  # channels x temporal patch x patch x patch
-    return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels,
-            "mm_token_type_ids": (ids == config.video_token_id).long() * 2,
-            "pixel_values_videos": torch.randn(FRAMES * HEIGHT * WIDTH, patch, generator=torch.Generator().manual_seed(0)),
-            "video_grid_thw": torch.tensor([[FRAMES, HEIGHT, WIDTH]])}
+    return {
+        "input_ids": ids,
+        "attention_mask": torch.ones_like(ids),
+        "labels": labels,
+        "mm_token_type_ids": (ids == config.video_token_id).long() * 2,
+        "pixel_values_videos": torch.randn(FRAMES * HEIGHT * WIDTH, patch, generator=torch.Generator().manual_seed(0)),
+        "video_grid_thw": torch.tensor([[FRAMES, HEIGHT, WIDTH]]),
+    }
 
 
-@pytest.mark.parametrize("name", ["Qwen2VLForConditionalGeneration", "Qwen2_5_VLForConditionalGeneration",
-                                  "Qwen3VLForConditionalGeneration"])
+@pytest.mark.parametrize(
+    "name", ["Qwen2VLForConditionalGeneration", "Qwen2_5_VLForConditionalGeneration", "Qwen3VLForConditionalGeneration"]
+)
 def test_video_is_compressed_per_temporal_group(name, tmp_path):
     model, processor = tiny(name, tmp_path)
     batch = video_batch(model, processor.tokenizer, groups_apart=name.startswith("Qwen3"))

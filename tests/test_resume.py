@@ -10,17 +10,22 @@ import pytest
 import torch
 from transformers import AutoModelForImageTextToText
 
-from sts.config import load_recipe
-from sts.data.llava import LlavaDataset
-from sts.train import initial_model, run_stage
-from sts.trainer import STAGING, RecipeTrainer, TrainingError
+from sts.cli.data.dataset import LlavaDataset
+from sts.cli.recipe_trainer import STAGING, RecipeTrainer, TrainingError
+from sts.cli.recipes import load_recipe
+from sts.cli.train import initial_model, run_stage
 from tests.test_end_to_end import tiny_overrides
 from tests.traced_run import LAUNCH_TIMEOUT_S, command, launch, recipe
 
 STEPS = 40
 # Instruction tuning with every random draw STS makes: skipped layers and a random token selection.
-INSTRUCT = [f"stages.1.max_steps={STEPS}", "stages.1.save_steps=5", "stages.1.logging_steps=1", "lds.alpha=0.9",
-            "stages.1.vtc={strategy: random, keep_ratio: 0.5}"]
+INSTRUCT = [
+    f"stages.1.max_steps={STEPS}",
+    "stages.1.save_steps=5",
+    "stages.1.logging_steps=1",
+    "lds.alpha=0.9",
+    "stages.1.vtc={strategy: random, keep_ratio: 0.5}",
+]
 
 
 def kill_when_saved(line: list[str], environment: dict, checkpoint) -> int:
@@ -58,14 +63,24 @@ def test_a_run_killed_mid_stage_resumes_and_reproduces_the_uninterrupted_run(pro
     assert any(forward["skipped_layers"] for step in resumed[0] for forward in step["forwards"])
     final = AutoModelForImageTextToText.from_pretrained(killed / "instruct" / "model").state_dict()
     uninterrupted = AutoModelForImageTextToText.from_pretrained(
-        tmp_path / "reference" / "run" / "instruct" / "model").state_dict()
+        tmp_path / "reference" / "run" / "instruct" / "model"
+    ).state_dict()
     assert max((final[k] - uninterrupted[k]).abs().max().item() for k in final) < 1e-4
 
 
 def stage_run(synth_data, tmp_path, *overrides: str):
     """What `run_stage` needs for the tiny recipe's first stage, with `overrides`."""
-    cfg = load_recipe("demo", [*tiny_overrides(synth_data, tmp_path), "stages.0.data=null", "stages.0.batch_size=4",
-                               "stages.0.max_steps=4", "stages.0.save_steps=1", *overrides])
+    cfg = load_recipe(
+        "demo",
+        [
+            *tiny_overrides(synth_data, tmp_path),
+            "stages.0.data=null",
+            "stages.0.batch_size=4",
+            "stages.0.max_steps=4",
+            "stages.0.save_steps=1",
+            *overrides,
+        ],
+    )
     model, processor = initial_model(cfg)
     return cfg.stages[0], model, processor, LlavaDataset(synth_data["train"], processor)
 

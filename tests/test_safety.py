@@ -9,14 +9,15 @@ import torch
 
 import sts
 from sts.cli import main
-from sts.models.tiny import build_model
+from sts.cli.models.tiny import build_model
 from tests.conftest import TEST_SIZES
 
 
 def train_from(checkpoint: Path, tmp_path: Path, capsys) -> tuple[int, str]:
     capsys.readouterr()  # what writing the checkpoint printed
-    status = main(["train", "demo", f"model.path={checkpoint}", "data.train=unused.json",
-                   f"output_dir={tmp_path / 'run'}"])
+    status = main(
+        ["train", "demo", f"model.path={checkpoint}", "data.train=unused.json", f"output_dir={tmp_path / 'run'}"]
+    )
     return status, capsys.readouterr().err
 
 
@@ -36,8 +37,13 @@ def test_checkpoint_code_does_not_run_unless_trusted(tmp_path, capsys):
     build_model(TEST_SIZES, seed=0, base=False).save_pretrained(checkpoint)
     config = json.loads((checkpoint / "config.json").read_text())
     marker = tmp_path / "code-ran"
-    config.update(model_type="evil-vlm", auto_map={"AutoConfig": "configuration_evil.EvilConfig",
-                                                   "AutoModelForImageTextToText": "modeling_evil.EvilModel"})
+    config.update(
+        model_type="evil-vlm",
+        auto_map={
+            "AutoConfig": "configuration_evil.EvilConfig",
+            "AutoModelForImageTextToText": "modeling_evil.EvilModel",
+        },
+    )
     (checkpoint / "config.json").write_text(json.dumps(config))
     for module in ("configuration_evil", "modeling_evil"):
         (checkpoint / f"{module}.py").write_text(f"open({str(marker)!r}, 'w').write('ran')\n")

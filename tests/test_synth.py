@@ -1,7 +1,7 @@
 import json
 import random
 
-from sts.data.synth import QUESTION_TYPES, ask, generate, random_scene
+from sts.cli.data.synth import QUESTION_TYPES, ask, generate, random_scene
 
 
 def read_all(folder):
@@ -45,7 +45,7 @@ def test_captions_name_every_object_in_reading_order(synth_data):
 def test_the_data_has_llava_15s_shape(synth_data, processor):
     """Alignment's captions are mostly visual tokens (LCS-558K: ~93%), instruction tuning's
     conversations ~70% (LLaVA-665K), so the compressor saves here what it saves there."""
-    from sts.data.llava import LlavaDataset
+    from sts.cli.data.dataset import LlavaDataset
 
     image = processor.tokenizer.convert_tokens_to_ids("<image>")
 

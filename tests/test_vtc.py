@@ -5,9 +5,10 @@ import torch
 import torch.nn.functional as F
 
 import sts
-from sts.data.llava import IGNORE_INDEX, Collator, LlavaDataset
-from sts.models.tiny import build_model
-from sts.patch import proportional_mask
+from sts.cli.data.collate import Collator
+from sts.cli.data.dataset import LlavaDataset
+from sts.cli.models.tiny import build_model
+from sts.cut import IGNORE_INDEX, proportional_mask
 from sts.vtc import Context, compress, distinct, kept_count, text_guided
 from tests.conftest import TEST_SIZES
 
@@ -32,8 +33,9 @@ def batch(synth_data, processor):
 def record_language_model_inputs(model):
     """A forward pre-hook on the language model: what it really receives."""
     seen = []
-    model.model.language_model.register_forward_pre_hook(lambda module, args, kwargs: seen.append(kwargs),
-                                                         with_kwargs=True)
+    model.model.language_model.register_forward_pre_hook(
+        lambda module, args, kwargs: seen.append(kwargs), with_kwargs=True
+    )
     return seen
 
 
@@ -155,7 +157,7 @@ def test_keep_ratio_schedule_goes_from_coarse_to_fine(model, batch):
 
 @pytest.mark.parametrize("points", [[[0.6, 0.25], [0.5, 0.5]], [[1.0, 0.5]], [[0.5, 0.0]]])
 def test_a_keep_ratio_schedule_must_ascend_inside_the_stage(points):
-    from sts.config import ConfigError, load_recipe
+    from sts.cli.recipes import ConfigError, load_recipe
 
     with pytest.raises(ConfigError, match="keep_ratio_schedule"):
         load_recipe("demo", [f"vtc.keep_ratio_schedule={points}"])
@@ -165,8 +167,9 @@ def full_token_steps(seed: int, steps: int = 400) -> list[bool]:
     """Which steps a random full-token fraction of 0.3 leaves uncompressed; asserts that every
     micro-batch of a step (or every rank) decides alike."""
     model = build_model(TEST_SIZES, seed=3, base=False).train()
-    state = sts.apply_sts(model, {"vtc": {"strategy": "uniform", "full_tokens_random_fraction": 0.3},
-                                  "seed": seed})._sts_state
+    state = sts.apply_sts(
+        model, {"vtc": {"strategy": "uniform", "full_tokens_random_fraction": 0.3}, "seed": seed}
+    )._sts_state
     full = []
     for step in range(steps):
         sts.set_progress(model, step, 1000)
@@ -233,10 +236,13 @@ def test_distinct_keeps_the_objects_not_the_background():
 def test_sample_without_image_is_untouched(model, processor):
     from pathlib import Path
 
-    from sts.data.llava import encode
+    from sts.cli.data.render import encode
 
-    text_only = encode(processor, {"conversations": [{"from": "human", "value": "How many circles are there?"},
-                                                     {"from": "gpt", "value": "2"}]}, Path("."))
+    text_only = encode(
+        processor,
+        {"conversations": [{"from": "human", "value": "How many circles are there?"}, {"from": "gpt", "value": "2"}]},
+        Path("."),
+    )
     batch = Collator(processor.tokenizer.pad_token_id)([text_only])
     seen = record_language_model_inputs(model)
     model(**batch)

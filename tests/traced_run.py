@@ -24,15 +24,17 @@ from torch.distributed.fsdp import fully_shard
 from torch.distributed.fsdp._fully_shard._fsdp_param_group import FSDPParamGroup
 
 import sts
-import sts.train
+import sts.cli.train
 from sts.adapters import get_adapter
-from sts.config import load_recipe
-from sts.data.llava import Collator, LlavaDataset
-from sts.distributed import rank, world_size
-from sts.models.tiny import TinyModelConfig, build_model, build_processor
+from sts.cli.data.collate import Collator
+from sts.cli.data.dataset import LlavaDataset
+from sts.cli.distributed import rank, world_size
+from sts.cli.models.tiny import build_model, build_processor
+from sts.cli.recipes import TinyModelConfig, load_recipe
 
-SIZES = TinyModelConfig(vision_hidden=32, vision_layers=1, text_hidden=64, text_layers=4, text_heads=2,
-                        text_intermediate=128)
+SIZES = TinyModelConfig(
+    vision_hidden=32, vision_layers=1, text_hidden=64, text_layers=4, text_heads=2, text_intermediate=128
+)
 BATCH = 4
 gathered: list[str] = []
 trace: list[dict] = []
@@ -64,7 +66,7 @@ def count_deepspeed_gathers() -> None:
     Coordinator._PartitionedParameterCoordinator__all_gather_params = counting
 
 
-class TracingMeter(sts.train.StepMeter):
+class TracingMeter(sts.cli.train.StepMeter):
     def on_step_end(self, args, state, control, **kwargs):
         names = {id(param): name for name, param in self.model.named_parameters()}
         gathered[:] = [names.get(item, item) for item in gathered]  # ZeRO-3's parameters by name
@@ -133,9 +135,20 @@ def launch(processes: int, out: Path, *args: str) -> list[list[dict]]:
 def recipe(synth_data, out: Path, *overrides: str) -> list[str]:
     """Arguments of a recipe run: the demo recipe on the test data and SIZES, short stages."""
     sizes = [f"model.tiny.{key}={value}" for key, value in SIZES.model_dump().items()]
-    return ["recipe", "demo", f"data.train={synth_data['train']}", f"stages.0.data.train={synth_data['align']}",
-            f"output_dir={out}", "model.base=false", "stages.0.max_steps=2", "stages.1.max_steps=3",
-            "stages.0.batch_size=4", "stages.1.batch_size=4", *sizes, *overrides]
+    return [
+        "recipe",
+        "demo",
+        f"data.train={synth_data['train']}",
+        f"stages.0.data.train={synth_data['align']}",
+        f"output_dir={out}",
+        "model.base=false",
+        "stages.0.max_steps=2",
+        "stages.1.max_steps=3",
+        "stages.0.batch_size=4",
+        "stages.1.batch_size=4",
+        *sizes,
+        *overrides,
+    ]
 
 
 if __name__ == "__main__":
@@ -143,10 +156,10 @@ if __name__ == "__main__":
     out = Path(out)
     FSDPParamGroup.unshard = counting_unshard
     if mode == "recipe":
-        sts.train.StepMeter = TracingMeter
+        sts.cli.train.StepMeter = TracingMeter
         if any(value.startswith("distributed=zero") for value in rest):
             count_deepspeed_gathers()
-        sts.train.run_recipe(load_recipe(rest[0], rest[1:]))
+        sts.cli.train.run_recipe(load_recipe(rest[0], rest[1:]))
     else:
         data, steps, accumulation, skipper = rest
         train_fsdp(out, data, int(steps), int(accumulation), skipper == "skipper")

@@ -37,23 +37,29 @@ class STSCallback(TrainerCallback):
 
     def on_train_begin(self, args, state, control, **kwargs):
         if not self.ahead_of_loggers and [name for name in args.report_to if name != "none"]:
-            logger.warning("sts: report_to=%s logs before callbacks=[STSCallback()] adds its stats; "
-                           "use sts.STSCallback.add_to(trainer) to have them logged there", args.report_to)
+            logger.warning(
+                "sts: report_to=%s logs before callbacks=[STSCallback()] adds its stats; "
+                "use sts.STSCallback.add_to(trainer) to have them logged there",
+                args.report_to,
+            )
 
     def on_step_begin(self, args, state, control, model=None, **kwargs):
         set_progress(model, state.global_step, state.max_steps)
 
     def on_step_end(self, args, state, control, model=None, **kwargs):
         if state_of(model).micro_batch == 0:
-            raise ValueError("sts: a training step ran without STS's forward: something replaced the model's "
-                             "forward after apply_sts (TRL's trainers do, for their fused LM head); call "
-                             "sts.apply_sts(trainer.model, ...) after building the trainer")
+            raise ValueError(
+                "sts: a training step ran without STS's forward: something replaced the model's "
+                "forward after apply_sts (TRL's trainers do, for their fused LM head); call "
+                "sts.apply_sts(trainer.model, ...) after building the trainer"
+            )
 
     def on_log(self, args, state, control, logs=None, model=None, **kwargs):
         if not logs or "loss" not in logs:
             return
-        stats = {f"sts/{key}": len(value) if isinstance(value, list) else value
-                 for key, value in step_stats(model).items()}
+        stats = {
+            f"sts/{key}": len(value) if isinstance(value, list) else value for key, value in step_stats(model).items()
+        }
         logs.update(stats)
         if state.log_history and state.log_history[-1].get("loss") == logs["loss"]:
             state.log_history[-1].update(stats)  # the Trainer stored this line before calling back

@@ -1,9 +1,15 @@
-"""The cut of a padded batch of sequences: how [B, L] becomes a shorter [B, L'].
+"""The cut of a batch: everything the compressor does to the sequence the language model reads.
 
-Every old position either goes to one new position or is dropped. A new position holds one
-old token (a selection) or several (a pooled window): float tensors take the mean of what it
-holds, integer ones (ids, labels, 1-D or 3-D positions, masks) the values of its first old
-token. One `Cut` is applied alike to everything indexed by sequence position, and to tensors
+`cut_batch` plans it on the host (which visual tokens each image keeps, pooled or selected by
+its strategy), and applies it to the embeddings, the mask (proportional attention's included),
+the 1-D or 3-D positions and every input that travels with the tokens. It is a function of plain
+values: the compressor's config, the adapter, the keep ratio, the seed parts of the draws and
+the inputs; STS's wiring (`sts.patch`) calls it from a pre-hook on the language model.
+
+How [B, L] becomes a shorter [B, L']: every old position either goes to one new position or is
+dropped. A new position holds one old token (a selection) or several (a pooled window): float
+tensors take the mean of what it holds, integer ones (ids, labels, 1-D or 3-D positions, masks)
+the values of its first old token. One `Cut` is applied alike to everything indexed by sequence position, and to tensors
 indexed by visual token (e.g. DeepStack features), so nothing can fall out of step.
 """
 
@@ -13,6 +19,13 @@ from dataclasses import dataclass
 
 import torch
 
+from sts.adapters.base import Adapter
+from sts.config import VTCConfig
+from sts.draws import seeded_generator
+from sts.vtc import FEATURE_STRATEGIES, TEXT_STRATEGIES, Context, compress
+
+IGNORE_INDEX = -100  # the label the loss leaves out (transformers' convention)
+
 
 @dataclass
 class Cut:
@@ -21,7 +34,7 @@ class Cut:
     sizes: torch.Tensor  # [B, L']: how many old positions each new one holds (0 on padding)
 
     @classmethod
-    def from_owners(cls, owners: torch.Tensor) -> "Cut":
+    def from_owners(cls, owners: torch.Tensor) -> Cut:
         """owners [B, L]: for each old position, the first old position of the new token it goes
         into (itself for a token kept alone), or -1 if dropped."""
         batch, _ = owners.shape
@@ -37,7 +50,7 @@ class Cut:
             sizes[b] = torch.bincount(target[b, live], minlength=length).float()
         return cls(target, first, sizes)
 
-    def to(self, device) -> "Cut":
+    def to(self, device) -> Cut:
         return Cut(self.target.to(device), self.first.to(device), self.sizes.to(device))
 
     @property
@@ -81,3 +94,122 @@ def means(values: torch.Tensor, index: torch.Tensor, counts: torch.Tensor) -> to
     """values [n, ...] summed into len(counts) slots by `index`, each divided by its count."""
     out = values.new_zeros(len(counts), *values.shape[1:]).index_add(0, index, values)
     return out / counts.to(values.dtype).reshape(-1, *[1] * (values.dim() - 1))
+
+
+def cut_batch(
+    vtc: VTCConfig,
+    adapter: Adapter,
+    keep_ratio: float,
+    draw: tuple[int, ...],
+    inputs: dict,
+    labels: torch.Tensor | None,
+    features: dict,
+    lm_inputs: dict,
+) -> tuple[Cut, dict, int]:
+    """Keep `keep_ratio` of every image's tokens (per unit, see `Adapter.units`); cut the
+    embeddings, mask, positions (1-D or 3-D) and every input that travels with the tokens alike.
+
+    inputs: the model's own inputs (`input_ids`, and what `Adapter.units` reads); labels: the
+    uncut labels, or None; features: each modality's projected features, one tensor per image;
+    lm_inputs: what the language model receives. `draw`: the seed parts (seed, step, micro-batch)
+    of this forward, to which each unit's draw adds its index. Returns the cut, the cut
+    `lm_inputs` and how many visual tokens the language model reads.
+    """
+    embeds = lm_inputs["inputs_embeds"]
+    device = embeds.device
+    attention_mask = lm_inputs.get("attention_mask")
+    if attention_mask is None:
+        attention_mask = torch.ones_like(inputs["input_ids"])
+    if attention_mask.dim() != 2:
+        raise ValueError("sts: the visual token compressor needs a 2-D (padding) attention mask")
+    # The cut is planned on the host: it is hundreds of tiny index operations, each of which
+    # would wait for the device there; only strategies that read the features touch it.
+    input_ids, padding = inputs["input_ids"].cpu(), attention_mask.bool().cpu()
+    batch, length = input_ids.shape
+    instructions = (
+        instruction_embeddings(adapter, input_ids, padding, labels, embeds)
+        if vtc.strategy in TEXT_STRATEGIES
+        else [None] * batch
+    )
+
+    owners = torch.where(padding, torch.arange(length), -1)
+    unit_index, kept_visual = 0, 0
+    for modality in adapter.modalities():
+        slots = (input_ids == modality.token_id).nonzero()  # [(row, position)], row-major
+        offset = 0
+        for unit in adapter.units(modality.name, features.get(modality.name, []), inputs):
+            row, positions = int(slots[offset, 0]), slots[offset : offset + unit.size, 1]
+            offset += unit.size
+            candidates = positions if unit.candidates is None else positions[unit.candidates.cpu()]
+            unit_features = (
+                embeds[row, candidates.to(device)]
+                if vtc.strategy in FEATURE_STRATEGIES
+                else torch.empty(len(candidates), 0)
+            )  # the others look only at the grid
+            groups = compress(
+                vtc.strategy,
+                unit_features,
+                unit.grid,
+                keep_ratio,
+                Context(instructions[row], seeded_generator(*draw, unit_index)),
+            ).cpu()
+            live = groups >= 0
+            firsts = torch.full((int(groups.max()) + 1,), length).scatter_reduce(
+                0, groups[live], candidates[live], "amin"
+            )
+            owners[row, candidates] = torch.where(live, firsts[groups.clamp(min=0)], -1)
+            kept_visual += len(positions) - len(candidates) + len(firsts)
+            unit_index += 1
+        if offset != len(slots):
+            raise ValueError(
+                f"sts: the {modality.name} units cover {offset} of the batch's {len(slots)} "
+                f"{modality.name} tokens; the adapter's units() does not fit this model's inputs"
+            )
+
+    cut = Cut.from_owners(owners).to(device)
+    positions = lm_inputs.get("position_ids")
+    if positions is None:
+        positions = torch.arange(length, device=device).expand(batch, -1)
+    if vtc.reindex_positions:
+        new_positions = torch.arange(cut.length, device=device).expand(*positions.shape[:-1], -1)
+        new_positions = new_positions.masked_fill(~cut.real.expand_as(new_positions), 0)
+    else:
+        new_positions = cut.pick(positions.expand(*positions.shape[:-2], batch, -1))
+    out = {**lm_inputs, "inputs_embeds": cut.mean(embeds), "position_ids": new_positions}
+    mask = cut.real.to(attention_mask.dtype)
+    out["attention_mask"] = proportional_mask(mask, cut.sizes, embeds.dtype) if vtc.proportional_attention else mask
+    for name, mask_name in adapter.visual_row_kwargs.items():
+        rows = lm_inputs.get(name)
+        if rows is not None:
+            old_mask = lm_inputs[mask_name]
+            out[name] = (
+                [cut.mean_visual(r, old_mask) for r in rows]
+                if isinstance(rows, (list, tuple))
+                else cut.mean_visual(rows, old_mask)
+            )
+    for name in adapter.sequence_kwargs:
+        if lm_inputs.get(name) is not None:
+            out[name] = cut.pick(lm_inputs[name])
+    return cut, out, kept_visual
+
+
+def instruction_embeddings(
+    adapter: Adapter, input_ids: torch.Tensor, padding: torch.Tensor, labels: torch.Tensor | None, embeds: torch.Tensor
+) -> list[torch.Tensor | None]:
+    """Per row, the embeddings of the user's text (not visual, special or answer tokens), or None."""
+    instruction = padding & ~adapter.visual_token_mask(input_ids) & ~adapter.special_token_mask(input_ids)
+    if labels is not None:
+        instruction &= labels.cpu() == IGNORE_INDEX
+    return [
+        embeds[b][instruction[b].to(embeds.device)] if instruction[b].any() else None for b in range(len(input_ids))
+    ]
+
+
+def proportional_mask(padding: torch.Tensor, sizes: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """A causal 4D additive mask whose key bias log(size) weighs each token as `size` tokens in
+    every softmax (ToMe's proportional attention); [batch, 1, length, length]."""
+    length = padding.shape[1]
+    causal = torch.ones(length, length, dtype=torch.bool, device=padding.device).tril()
+    allowed = causal[None] & padding.bool()[:, None, :]
+    bias = sizes.log().to(dtype)[:, None, :].expand(-1, length, -1)
+    return torch.where(allowed, bias, torch.finfo(dtype).min)[:, None]

@@ -5,27 +5,13 @@
 `e / E` is training progress, `l` the 0-based layer of `L`. Skipping fades to zero by the
 end of training; deeper layers are skipped more when epsilon > 0. Whether layer `l` is
 skipped is a pure function of (seed, optimizer step, micro-batch, layer), so every rank of
-a distributed run, and a gradient-checkpointing recompute, agrees.
+a distributed run, and a gradient-checkpointing recompute, agrees (`sts.draws`).
 """
 
 from __future__ import annotations
 
-import torch
-
 from sts.config import LDSConfig
-
-
-def seed_of(*parts: int) -> int:
-    """A 63-bit seed that is a pure function of its integer parts (splitmix-style mixing)."""
-    seed = 0x9E3779B97F4A7C15
-    for part in parts:
-        seed = ((seed ^ (part + 0x632BE59BD9B4E019)) * 0xBF58476D1CE4E5B9) % (1 << 63)
-    return seed
-
-
-def seeded_coin(*parts: int) -> float:
-    """A uniform draw in [0, 1) that is a pure function of its integer parts."""
-    return torch.rand(1, generator=torch.Generator().manual_seed(seed_of(*parts))).item()
+from sts.draws import seeded_coin
 
 
 def skip_probability(layer: int, layers: int, progress: float, cfg: LDSConfig) -> float:

@@ -1,4 +1,5 @@
-"""apply_sts / remove_sts: attach the Sparse Training Scheme to a model, in training only.
+"""apply_sts / remove_sts: attach the Sparse Training Scheme to a model, in training only (wiring:
+the per-forward state, the hooks and the stats; what is cut is `sts.cut`'s, what is skipped `sts.lds`'s).
 
 The model's `forward` is replaced on the instance (no new parent modules, so state-dict keys
 never change). In `model.eval()` the original forward runs untouched. In training the model
@@ -19,10 +20,9 @@ import torch
 from sts.adapters import get_adapter
 from sts.adapters.base import Adapter
 from sts.config import STSConfig
-from sts.cut import Cut
-from sts.data.llava import IGNORE_INDEX
-from sts.lds import draw_skips, seed_of, seeded_coin
-from sts.vtc import FEATURE_STRATEGIES, TEXT_STRATEGIES, Context, compress
+from sts.cut import IGNORE_INDEX, Cut, cut_batch
+from sts.draws import seeded_coin
+from sts.lds import draw_skips
 
 STATE = "_sts_state"
 FULL_TOKENS_DRAW = -1  # the seed part that gives the per-step full-token coin a stream of its own
@@ -40,19 +40,17 @@ class STSState:
         # Stats of every training forward since the last drain; bounded, for loops that never drain.
         self.history: deque[dict] = deque(maxlen=4096)
 
-    def visual_token_ids(self, device) -> torch.Tensor:
-        return torch.tensor([m.token_id for m in self.adapter.modalities()], device=device)
-
     @property
     def progress(self) -> float:
         return self.step / self.total if self.total else 0.0
 
-    def draw_skips(self) -> list[int]:
-        """Skip the layers LDS draws for this step; record them and the running skip rate."""
+    def layers_to_skip(self) -> list[int]:
+        """The layers LDS draws for this forward; recorded with the running skip rate."""
         lds = self.cfg.lds
         layers = self.adapter.num_layers
-        skipped = [] if lds is None else draw_skips(layers, self.progress, self.step, self.micro_batch,
-                                                    lds, self.cfg.seed)
+        skipped = (
+            [] if lds is None else draw_skips(layers, self.progress, self.step, self.micro_batch, lds, self.cfg.seed)
+        )
         self.layer_draws += layers
         self.layers_skipped += len(skipped)
         self.stats["skipped_layers"] = skipped
@@ -86,22 +84,33 @@ def apply_sts(model, cfg: STSConfig | dict):
         if args:
             raise TypeError("sts: pass the model's inputs as keyword arguments (input_ids=..., pixel_values=...)")
         input_ids = kwargs.get("input_ids")
-        state.stats = {"batch_size": 0, "images": 0, "visual_tokens_in": 0, "visual_tokens_kept": 0,
-                       "input_seq_len": 0, "lm_seq_len": 0}
+        state.stats = {
+            "batch_size": 0,
+            "images": 0,
+            "visual_tokens_in": 0,
+            "visual_tokens_kept": 0,
+            "input_seq_len": 0,
+            "lm_seq_len": 0,
+        }
         if input_ids is not None:
-            visual = int(torch.isin(input_ids, state.visual_token_ids(input_ids.device)).sum())
-            state.stats.update(batch_size=input_ids.shape[0], visual_tokens_in=visual, visual_tokens_kept=visual,
-                               input_seq_len=input_ids.shape[1], lm_seq_len=input_ids.shape[1])
+            visual = int(state.adapter.visual_token_mask(input_ids).sum())
+            state.stats.update(
+                batch_size=input_ids.shape[0],
+                visual_tokens_in=visual,
+                visual_tokens_kept=visual,
+                input_seq_len=input_ids.shape[1],
+                lm_seq_len=input_ids.shape[1],
+            )
         compressing = state.vtc_active() and input_ids is not None and state.stats["visual_tokens_in"] > 0
         # A fused LM head (TRL's `fused_lm_head=True`) scores the labels inside the forward: they stay
         # in the call and are cut in place with the sequence. Otherwise STS computes the loss itself.
         fused = bool(kwargs.get("fused_lm_head"))
         labels = (kwargs.get("labels") if fused else kwargs.pop("labels", None)) if compressing else None
-        skipped = state.draw_skips()
+        skipped = state.layers_to_skip()
         with contextlib.ExitStack() as stack:
             features = stack.enter_context(capture_features(state.adapter))
             if compressing:
-                cut = stack.enter_context(cutting_the_sequence(state, kwargs, labels, features, in_place=fused))
+                cut = stack.enter_context(cut_at_language_model(state, kwargs, labels, features, in_place=fused))
             if skipped:
                 stack.enter_context(state.adapter.without_layers(skipped))
                 kwargs["use_cache"] = False
@@ -183,14 +192,20 @@ class PendingCut:
 
 
 @contextlib.contextmanager
-def cutting_the_sequence(state: STSState, inputs: dict, labels: torch.Tensor | None, features: dict,
-                         in_place: bool = False):
-    """While the model runs, cut the sequence where its language model receives it; `in_place`:
-    make `labels` (the caller's tensor object) the cut labels too, for a head that reads them."""
+def cut_at_language_model(
+    state: STSState, inputs: dict, labels: torch.Tensor | None, features: dict, in_place: bool = False
+):
+    """While the model runs, cut the sequence where its language model receives it (a pre-hook);
+    `in_place`: make `labels` (the caller's tensor object) the cut labels too, for a head that reads them."""
     pending = PendingCut()
+    keep_ratio = state.cfg.vtc.keep_ratio_at(state.progress)
+    draw = (state.cfg.seed, state.step, state.micro_batch)
 
     def hook(module, args, kwargs):
-        pending.result, kwargs = cut_sequence(state, inputs, labels, features, kwargs)
+        pending.result, kwargs, kept_visual = cut_batch(
+            state.cfg.vtc, state.adapter, keep_ratio, draw, inputs, labels, features, kwargs
+        )
+        state.stats.update(visual_tokens_kept=kept_visual, lm_seq_len=pending.result.length)
         if in_place and labels is not None:
             labels.set_(pending.result.pick(labels, IGNORE_INDEX))
         return args, kwargs
@@ -202,98 +217,12 @@ def cutting_the_sequence(state: STSState, inputs: dict, labels: torch.Tensor | N
         handle.remove()
 
 
-def cut_sequence(state: STSState, inputs: dict, labels: torch.Tensor | None, features: dict,
-                 lm_inputs: dict) -> tuple[Cut, dict]:
-    """Keep `keep_ratio` of every image's tokens (per unit, see `Adapter.units`); cut the
-    embeddings, mask, positions (1-D or 3-D) and every input that travels with the tokens alike."""
-    vtc, adapter = state.cfg.vtc, state.adapter
-    keep_ratio = vtc.keep_ratio_at(state.progress)
-    embeds = lm_inputs["inputs_embeds"]
-    device = embeds.device
-    attention_mask = lm_inputs.get("attention_mask")
-    if attention_mask is None:
-        attention_mask = torch.ones_like(inputs["input_ids"])
-    if attention_mask.dim() != 2:
-        raise ValueError("sts: the visual token compressor needs a 2-D (padding) attention mask")
-    # The cut is planned on the host: it is hundreds of tiny index operations, each of which
-    # would wait for the device there; only strategies that read the features touch it.
-    input_ids, padding = inputs["input_ids"].cpu(), attention_mask.bool().cpu()
-    batch, length = input_ids.shape
-    instructions = instruction_embeddings(state, input_ids, padding, labels, embeds) \
-        if vtc.strategy in TEXT_STRATEGIES else [None] * batch
-
-    owners = torch.where(padding, torch.arange(length), -1)
-    unit_index, kept_visual = 0, 0
-    for modality in adapter.modalities():
-        slots = (input_ids == modality.token_id).nonzero()  # [(row, position)], row-major
-        offset = 0
-        for unit in adapter.units(modality.name, features.get(modality.name, []), inputs):
-            row, positions = int(slots[offset, 0]), slots[offset : offset + unit.size, 1]
-            offset += unit.size
-            candidates = positions if unit.candidates is None else positions[unit.candidates.cpu()]
-            generator = torch.Generator().manual_seed(seed_of(state.cfg.seed, state.step, state.micro_batch, unit_index))
-            unit_features = embeds[row, candidates.to(device)] if vtc.strategy in FEATURE_STRATEGIES \
-                else torch.empty(len(candidates), 0)  # the others look only at the grid
-            groups = compress(vtc.strategy, unit_features, unit.grid, keep_ratio,
-                              Context(instructions[row], generator)).cpu()
-            live = groups >= 0
-            firsts = torch.full((int(groups.max()) + 1,), length).scatter_reduce(0, groups[live], candidates[live], "amin")
-            owners[row, candidates] = torch.where(live, firsts[groups.clamp(min=0)], -1)
-            kept_visual += len(positions) - len(candidates) + len(firsts)
-            unit_index += 1
-        if offset != len(slots):
-            raise ValueError(f"sts: the {modality.name} units cover {offset} of the batch's {len(slots)} "
-                             f"{modality.name} tokens; the adapter's units() does not fit this model's inputs")
-
-    cut = Cut.from_owners(owners).to(device)
-    positions = lm_inputs.get("position_ids")
-    if positions is None:
-        positions = torch.arange(length, device=device).expand(batch, -1)
-    if vtc.reindex_positions:
-        new_positions = torch.arange(cut.length, device=device).expand(*positions.shape[:-1], -1)
-        new_positions = new_positions.masked_fill(~cut.real.expand_as(new_positions), 0)
-    else:
-        new_positions = cut.pick(positions.expand(*positions.shape[:-2], batch, -1))
-    out = {**lm_inputs, "inputs_embeds": cut.mean(embeds), "position_ids": new_positions}
-    mask = cut.real.to(attention_mask.dtype)
-    out["attention_mask"] = proportional_mask(mask, cut.sizes, embeds.dtype) if vtc.proportional_attention else mask
-    for name, mask_name in adapter.visual_row_kwargs.items():
-        rows = lm_inputs.get(name)
-        if rows is not None:
-            old_mask = lm_inputs[mask_name]
-            out[name] = [cut.mean_visual(r, old_mask) for r in rows] if isinstance(rows, (list, tuple)) \
-                else cut.mean_visual(rows, old_mask)
-    for name in adapter.sequence_kwargs:
-        if lm_inputs.get(name) is not None:
-            out[name] = cut.pick(lm_inputs[name])
-    state.stats.update(visual_tokens_kept=kept_visual, lm_seq_len=cut.length)
-    return cut, out
-
-
-def instruction_embeddings(state: STSState, input_ids: torch.Tensor, padding: torch.Tensor,
-                           labels: torch.Tensor | None, embeds: torch.Tensor) -> list[torch.Tensor | None]:
-    """Per row, the embeddings of the user's text (not visual, special or answer tokens), or None."""
-    visual = torch.isin(input_ids, state.visual_token_ids(input_ids.device))
-    instruction = padding & ~visual & ~state.adapter.special_token_mask(input_ids)
-    if labels is not None:
-        instruction &= labels.cpu() == IGNORE_INDEX
-    return [embeds[b][instruction[b].to(embeds.device)] if instruction[b].any() else None
-            for b in range(len(input_ids))]
-
-
 def with_loss(model, output, labels: torch.Tensor, inputs: dict):
     """The model's output with the loss of the cut sequence, computed as the model computes it."""
-    loss = model.loss_function(logits=output.logits, labels=labels,
-                               vocab_size=model.config.get_text_config().vocab_size,
-                               num_items_in_batch=inputs.get("num_items_in_batch"))
+    loss = model.loss_function(
+        logits=output.logits,
+        labels=labels,
+        vocab_size=model.config.get_text_config().vocab_size,
+        num_items_in_batch=inputs.get("num_items_in_batch"),
+    )
     return type(output)(loss=loss, **{k: v for k, v in output.items() if k != "loss"})
-
-
-def proportional_mask(padding: torch.Tensor, sizes: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """A causal 4D additive mask whose key bias log(size) weighs each token as `size` tokens in
-    every softmax (ToMe's proportional attention); [batch, 1, length, length]."""
-    length = padding.shape[1]
-    causal = torch.ones(length, length, dtype=torch.bool, device=padding.device).tril()
-    allowed = causal[None] & padding.bool()[:, None, :]
-    bias = sizes.log().to(dtype)[:, None, :].expand(-1, length, -1)
-    return torch.where(allowed, bias, torch.finfo(dtype).min)[:, None]

@@ -64,7 +64,9 @@ def text_guided(features, grid, keep, context):
     to the instruction text; needs no attention maps, so it works with SDPA/FlashAttention."""
     if context.instruction is None or len(context.instruction) == 0:
         return uniform(features, grid, keep, context)
-    similarity = F.normalize(features.detach().float(), dim=-1) @ F.normalize(context.instruction.detach().float(), dim=-1).T
+    similarity = (
+        F.normalize(features.detach().float(), dim=-1) @ F.normalize(context.instruction.detach().float(), dim=-1).T
+    )
     scores = similarity.max(dim=-1).values
     return selected(scores.topk(keep).indices.sort().values, len(features))
 
@@ -88,8 +90,7 @@ def pool(features, grid, keep, context):
     return (r * window_cols + c).flatten()  # windows in row-major order: numbered by their first token
 
 
-STRATEGIES = {"uniform": uniform, "random": random, "text_guided": text_guided, "distinct": distinct,
-              "pool": pool}
+STRATEGIES = {"uniform": uniform, "random": random, "text_guided": text_guided, "distinct": distinct, "pool": pool}
 FEATURE_STRATEGIES = {"text_guided", "distinct"}  # read the features; the others only their count and grid
 TEXT_STRATEGIES = {"text_guided"}  # read the instruction
 
@@ -98,8 +99,9 @@ def kept_count(total: int, keep_ratio: float) -> int:
     return max(1, min(total, round(total * keep_ratio)))
 
 
-def compress(strategy: str, features: torch.Tensor, grid: tuple[int, int], keep_ratio: float,
-             context: Context) -> torch.Tensor:
+def compress(
+    strategy: str, features: torch.Tensor, grid: tuple[int, int], keep_ratio: float, context: Context
+) -> torch.Tensor:
     """The groups [n] of one image's tokens (see the module's docstring)."""
     if strategy not in STRATEGIES:
         raise ValueError(f"unknown vtc.strategy {strategy!r}; choose one of {sorted(STRATEGIES)}")

@@ -24,5 +24,7 @@ def get_adapter(model) -> Adapter:
     for adapter in ADAPTERS:
         if adapter.matches(model):
             return adapter(model)
-    raise UnsupportedModelError(f"sts has no adapter for {type(model).__name__}; supported: {', '.join(supported())}. "
-                    f"Adding an architecture is one adapter file: see {GUIDE}")
+    raise UnsupportedModelError(
+        f"sts has no adapter for {type(model).__name__}; supported: {', '.join(supported())}. "
+        f"Adding an architecture is one adapter file: see {GUIDE}"
+    )

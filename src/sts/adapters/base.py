@@ -89,6 +89,11 @@ class Adapter:
         features as the model computed them and the batch's inputs. Default: one square grid."""
         return [Unit(len(f), square_grid(len(f))) for f in features]
 
+    def visual_token_mask(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """True where `input_ids` holds a placeholder of any modality's tokens."""
+        ids = torch.tensor([modality.token_id for modality in self.modalities()], device=input_ids.device)
+        return torch.isin(input_ids, ids)
+
     def special_token_mask(self, input_ids: torch.Tensor) -> torch.Tensor:
         text = self.model.config.get_text_config()
         special = [t for t in (text.bos_token_id, text.eos_token_id, text.pad_token_id) if t is not None]

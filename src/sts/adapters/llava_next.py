@@ -58,8 +58,10 @@ def anyres_units(features: torch.Tensor, side: int, newline: torch.Tensor) -> li
     layout = torch.arange(len(tiles)) % (cols + 1) == cols
     fits = rows > 0 and len(tiles) == rows * (cols + 1) and (cols > 0 or rows == 1)
     if not (fits and torch.equal(is_newline, layout)):
-        raise ValueError(f"sts: an image's {len(features)} features are not a {side} x {side} base grid followed "
-                         "by rows of tiles each ending in image_newline, as LLaVA-NeXT / OneVision pack them")
+        raise ValueError(
+            f"sts: an image's {len(features)} features are not a {side} x {side} base grid followed "
+            "by rows of tiles each ending in image_newline, as LLaVA-NeXT / OneVision pack them"
+        )
     if cols == 0:
         return [Unit(base + 1, (side, side), torch.arange(base))]
     return [Unit(base, (side, side)), Unit(len(tiles), (rows, cols), (~is_newline).nonzero().flatten())]

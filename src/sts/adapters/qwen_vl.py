@@ -30,13 +30,18 @@ class QwenVLAdapter(Adapter):
 
     def modalities(self) -> list[Modality]:
         config = self.model.config
-        return [Modality("image", config.image_token_id, "get_image_features"),
-                Modality("video", config.video_token_id, "get_video_features")]
+        return [
+            Modality("image", config.image_token_id, "get_image_features"),
+            Modality("video", config.video_token_id, "get_video_features"),
+        ]
 
     def units(self, modality: str, features: list[torch.Tensor], inputs: dict) -> list[Unit]:
         grids = inputs.get("image_grid_thw" if modality == "image" else "video_grid_thw")
         if grids is None:
             return []
         merge = self.model.config.vision_config.spatial_merge_size
-        return [Unit(int(h // merge) * int(w // merge), (int(h // merge), int(w // merge)))
-                for t, h, w in grids.tolist() for _ in range(int(t))]
+        return [
+            Unit(int(h // merge) * int(w // merge), (int(h // merge), int(w // merge)))
+            for t, h, w in grids.tolist()
+            for _ in range(int(t))
+        ]

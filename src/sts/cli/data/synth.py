@@ -18,7 +18,7 @@ from pathlib import Path
 from PIL import Image, ImageDraw
 from tqdm import tqdm
 
-from sts.config import ConfigError
+from sts.cli.recipes import ConfigError
 
 COLOURS = {
     "red": (220, 40, 40),
@@ -70,8 +70,7 @@ def random_scene(rng: random.Random) -> list[SceneObject]:
         colours = rng.sample(list(COLOURS), count)
         cells = rng.sample(range(GRID * GRID), count)
         objects = [
-            SceneObject(colour, rng.choice(SHAPES), cell // GRID, cell % GRID)
-            for colour, cell in zip(colours, cells)
+            SceneObject(colour, rng.choice(SHAPES), cell // GRID, cell % GRID) for colour, cell in zip(colours, cells)
         ]
         shapes = [o.shape for o in objects]
         if any(shapes.count(s) == 1 for s in SHAPES):
@@ -168,14 +167,17 @@ def write_split(out: Path, split: str, count: int, seed: int, questions: int) ->
     return path
 
 
-def generate(out: str | Path, train: int, test: int, seed: int = 0, questions: int = 2,
-             align: int = 0) -> dict[str, Path]:
+def generate(
+    out: str | Path, train: int, test: int, seed: int = 0, questions: int = 2, align: int = 0
+) -> dict[str, Path]:
     """Write DIR/train.json and DIR/test.json (conversations of `questions` turns, each of a
     distinct type while there are types left), DIR/align.json if `align` (caption records) and
     DIR/images/."""
     if train < 1 or test < 1 or questions < 1 or align < 0:
-        raise ConfigError(f"--train, --test and --questions must be positive and --align not negative, "
-                         f"got {train}, {test}, {questions} and {align}")
+        raise ConfigError(
+            f"--train, --test and --questions must be positive and --align not negative, "
+            f"got {train}, {test}, {questions} and {align}"
+        )
     out = Path(out)
     paths = {"align": write_split(out, "align", align, seed, questions=0)} if align else {}
     return paths | {
@@ -198,6 +200,22 @@ def answer_words() -> dict[str, set[str]]:
 def vocabulary() -> list[str]:
     """Every word the generator and the chat template can write, for the tiny tokenizer."""
     words = set().union(*answer_words().values()) | {f"{s}s" for s in SHAPES}
-    words |= {"What", "color", "is", "the", "shape", "object", "How", "many", "are", "there",
-              "Is", "a", "on", "Which", "side", "?"}
+    words |= {
+        "What",
+        "color",
+        "is",
+        "the",
+        "shape",
+        "object",
+        "How",
+        "many",
+        "are",
+        "there",
+        "Is",
+        "a",
+        "on",
+        "Which",
+        "side",
+        "?",
+    }
     return sorted(words)

@@ -22,14 +22,12 @@ from pathlib import Path
 
 import torch
 
-from sts.bench import LLAVA_15_DATA, preset_config
-from sts.config import ConfigError, RecipeConfig, load_recipe
-from sts.data.synth import generate
-from sts.evaluate import evaluate
-from sts.flops import Shapes, train_step_flops
-from sts.lds import expected_skips
-from sts.train import run_recipe
-from sts.vtc import kept_tokens
+from sts.cli.data.synth import generate
+from sts.cli.evaluate import evaluate
+from sts.cli.flops import recipe_flops
+from sts.cli.presets import LLAVA_15_DATA, preset_config
+from sts.cli.recipes import ConfigError, RecipeConfig, load_recipe
+from sts.cli.train import run_recipe
 
 RECIPES = {
     "baseline": ["vtc=null", "lds=null"],
@@ -89,35 +87,6 @@ def llava_15_flops(recipe: RecipeConfig, fractions: list[float]) -> list[float]:
     return recipe_flops(recipe, preset_config("llava-1.5-7b", layers=32)[0], LLAVA_15_DATA, fractions)
 
 
-def recipe_flops(recipe: RecipeConfig, config, data: dict[str, tuple[int, float]],
-                 fractions: list[float]) -> list[float]:
-    """Each stage's analytic FLOPs for a model `config` with one fixed-size image per sample and
-    `data[stage] = (samples, text tokens per sample)`, under the recipe's STS settings (the
-    skipper's expected skips over the run, the share of full-token steps) and each stage's
-    samples times `fractions` (the share of the dense recipe's steps it ran: the equal-time
-    baseline runs fewer)."""
-    shapes, side = Shapes.of(config), config.vision_config.image_size // config.vision_config.patch_size
-    flops = []
-    for stage, fraction in zip(recipe.stages, fractions):
-        samples, text = data[stage.name]
-        sts = recipe.sts_for(stage)
-        trains = {part: mode == "full" for part, mode in stage.train.model_dump().items()}
-        layers = shapes.text_layers - (expected_skips(shapes.text_layers, sts.lds) if sts.lds else 0)
-
-        def per_sample(visual: int) -> float:
-            return sum(train_step_flops(shapes, 1, text + visual, 1, trains, layers).values())
-
-        cost = per_sample(side * side)
-        if sts.vtc:
-            full = sts.vtc.full_tokens_final_fraction + (1 - sts.vtc.full_tokens_final_fraction) \
-                * sts.vtc.full_tokens_random_fraction
-            compressed = sum(share * per_sample(kept_tokens(sts.vtc.strategy, (side, side), ratio))
-                             for share, ratio in sts.vtc.phases())
-            cost = full * cost + (1 - full) * compressed
-        flops.append(samples * fraction * cost)
-    return flops
-
-
 def compare(runs: dict) -> None:
     """Add speedup and retention against the baseline (of the same seed) to every run."""
     base = runs["baseline"]
@@ -131,8 +100,10 @@ def compare(runs: dict) -> None:
 def equal_time_steps(runs: dict) -> list[int]:
     """Per stage, the baseline's steps scaled to the time the fastest STS recipe took for it."""
     fastest = min((run for name, run in runs.items() if name != "baseline"), key=lambda run: run["train_seconds"])
-    return [max(1, round(base["steps"] * fast["seconds"] / base["seconds"]))
-            for base, fast in zip(runs["baseline"]["stages"], fastest["stages"])]
+    return [
+        max(1, round(base["steps"] * fast["seconds"] / base["seconds"]))
+        for base, fast in zip(runs["baseline"]["stages"], fastest["stages"])
+    ]
 
 
 def spread(values: list[float]) -> dict:
@@ -151,15 +122,30 @@ def aggregate(per_seed: dict[int, dict]) -> dict:
         def average(value) -> float:
             return statistics.mean(value(run) for run in seeds.values())
 
-        mean = {key: average(lambda run: run[key]) for key in ("accuracy", "train_seconds", "flops", "speedup",
-                                                                "flops_ideal_speedup", "llava_15_ideal_speedup")}
+        mean = {
+            key: average(lambda run: run[key])
+            for key in (
+                "accuracy",
+                "train_seconds",
+                "flops",
+                "speedup",
+                "flops_ideal_speedup",
+                "llava_15_ideal_speedup",
+            )
+        }
         mean["per_type"] = {kind: average(lambda run: run["per_type"][kind]) for kind in first["per_type"]}
-        mean["stages"] = [{key: average(lambda run: run["stages"][i][key])
-                           for key in ("seconds", "samples", "samples_per_s", "flops", "peak_memory_gb")}
-                          | {"name": stage["name"]} for i, stage in enumerate(first["stages"])]
+        mean["stages"] = [
+            {
+                key: average(lambda run: run["stages"][i][key])
+                for key in ("seconds", "samples", "samples_per_s", "flops", "peak_memory_gb")
+            }
+            | {"name": stage["name"]}
+            for i, stage in enumerate(first["stages"])
+        ]
         retentions = [run["retention"] for run in seeds.values() if run["retention"] is not None]
-        mean["spread"] = {key: spread([run[key] for run in seeds.values()])
-                          for key in ("accuracy", "train_seconds", "speedup")}
+        mean["spread"] = {
+            key: spread([run[key] for run in seeds.values()]) for key in ("accuracy", "train_seconds", "speedup")
+        }
         mean["spread"]["retention"] = spread(retentions) if retentions else None
         mean["seeds"] = {str(seed): run for seed, run in seeds.items()}
         runs[name] = mean
@@ -171,34 +157,52 @@ def aggregate(per_seed: dict[int, dict]) -> dict:
 
 def format_results(results: dict) -> str:
     runs, seeds = results["runs"], results["seeds"]
-    lines = [f"sts demo on {results['machine']}, {results['date']}; training seeds {seeds}"
-             + (" (means over seeds; min-max in the last columns)" if len(seeds) > 1 else ""),
-             f"{'recipe':<20}{'stage':<10}{'time s':>8}{'samples/s':>11}{'TFLOPs':>9}{'peak GB':>9}"]
+    lines = [
+        f"sts demo on {results['machine']}, {results['date']}; training seeds {seeds}"
+        + (" (means over seeds; min-max in the last columns)" if len(seeds) > 1 else ""),
+        f"{'recipe':<20}{'stage':<10}{'time s':>8}{'samples/s':>11}{'TFLOPs':>9}{'peak GB':>9}",
+    ]
     for name, run in runs.items():
         for stage in run["stages"]:
-            lines.append(f"{name:<20}{stage['name']:<10}{stage['seconds']:>8.1f}{stage['samples_per_s']:>11.1f}"
-                         f"{stage['flops'] / 1e12:>9.2f}{stage['peak_memory_gb']:>9.2f}")
+            lines.append(
+                f"{name:<20}{stage['name']:<10}{stage['seconds']:>8.1f}{stage['samples_per_s']:>11.1f}"
+                f"{stage['flops'] / 1e12:>9.2f}{stage['peak_memory_gb']:>9.2f}"
+            )
         total_samples = sum(s["samples"] for s in run["stages"])
-        lines.append(f"{name:<20}{'total':<10}{run['train_seconds']:>8.1f}"
-                     f"{total_samples / run['train_seconds']:>11.1f}{run['flops'] / 1e12:>9.2f}")
+        lines.append(
+            f"{name:<20}{'total':<10}{run['train_seconds']:>8.1f}"
+            f"{total_samples / run['train_seconds']:>11.1f}{run['flops'] / 1e12:>9.2f}"
+        )
     types = list(next(iter(runs.values()))["per_type"])
     lines.append("")
-    lines.append(f"{'recipe':<20}{'accuracy':>9}" + "".join(f"{t:>10}" for t in types)
-                 + f"{'speedup':>9}{'ideal':>7}{'7B ideal':>9}{'retention':>11}"
-                 + (f"{'accuracy min-max':>18}{'retention min-max':>19}" if len(seeds) > 1 else ""))
+    lines.append(
+        f"{'recipe':<20}{'accuracy':>9}"
+        + "".join(f"{t:>10}" for t in types)
+        + f"{'speedup':>9}{'ideal':>7}{'7B ideal':>9}{'retention':>11}"
+        + (f"{'accuracy min-max':>18}{'retention min-max':>19}" if len(seeds) > 1 else "")
+    )
     for name, run in runs.items():
         retention = run["spread"]["retention"]
-        lines.append(f"{name:<20}{run['accuracy']:>9.3f}" + "".join(f"{run['per_type'][t]:>10.3f}" for t in types)
-                     + f"{run['speedup']:>8.2f}x{run['flops_ideal_speedup']:>6.2f}x{run['llava_15_ideal_speedup']:>8.2f}x"
-                     + (f"{run['retention']:>11.3f}" if run["retention"] is not None else f"{'n/a':>11}")
-                     + (f"{run['spread']['accuracy']['min']:>11.3f}-{run['spread']['accuracy']['max']:.3f}"
-                        + (f"{retention['min']:>12.3f}-{retention['max']:.3f}" if retention else f"{'n/a':>18}")
-                        if len(seeds) > 1 else ""))
+        lines.append(
+            f"{name:<20}{run['accuracy']:>9.3f}"
+            + "".join(f"{run['per_type'][t]:>10.3f}" for t in types)
+            + f"{run['speedup']:>8.2f}x{run['flops_ideal_speedup']:>6.2f}x{run['llava_15_ideal_speedup']:>8.2f}x"
+            + (f"{run['retention']:>11.3f}" if run["retention"] is not None else f"{'n/a':>11}")
+            + (
+                f"{run['spread']['accuracy']['min']:>11.3f}-{run['spread']['accuracy']['max']:.3f}"
+                + (f"{retention['min']:>12.3f}-{retention['max']:.3f}" if retention else f"{'n/a':>18}")
+                if len(seeds) > 1
+                else ""
+            )
+        )
     base = runs["baseline"]["seeds"][str(seeds[0])]
-    lines += ["", "ideal: FLOPs-ideal speedup here; 7B ideal: the same recipe's at LLaVA-1.5-7B shapes and LLaVA-1.5's "
-              "data lengths (sts.flops).",
-              f"alignment's share of the baseline's FLOPs: {base['stages'][0]['flops'] / base['flops']:.0%} here, "
-              f"{base['llava_15_flops'][0] / sum(base['llava_15_flops']):.0%} in LLaVA-1.5-7B's training"]
+    lines += [
+        "",
+        "ideal: FLOPs-ideal speedup here; 7B ideal: the same recipe's at LLaVA-1.5-7B shapes and LLaVA-1.5's "
+        "data lengths (sts.cli.flops).",
+        f"alignment's share of the baseline's FLOPs: {base['stages'][0]['flops'] / base['flops']:.0%} here, "
+        f"{base['llava_15_flops'][0] / sum(base['llava_15_flops']):.0%} in LLaVA-1.5-7B's training",
+    ]
     return "\n".join(lines)
 
 
@@ -220,8 +224,12 @@ def plot(results: dict, out: Path) -> None:
             values += [loss for _, _, loss in stage["losses"]]
             offset += stage["seconds"]
         axis.plot(times, values, label=f"{name} ({offset:.0f}s)")
-    axis.set(xlabel="wall-clock training time (s)", ylabel="training loss", yscale="log",
-             title=f"loss against time (align, then instruct), seed {first}\n{caption}")
+    axis.set(
+        xlabel="wall-clock training time (s)",
+        ylabel="training loss",
+        yscale="log",
+        title=f"loss against time (align, then instruct), seed {first}\n{caption}",
+    )
     axis.legend()
     axis.grid(alpha=0.3)
     figure.tight_layout()
@@ -234,11 +242,17 @@ def plot(results: dict, out: Path) -> None:
     for i, (name, run) in enumerate(runs.items()):
         per_seed = [[seed["per_type"][t] for t in types[:-1]] + [seed["accuracy"]] for seed in run["seeds"].values()]
         means = [statistics.mean(column) for column in zip(*per_seed)]
-        errors = [[m - min(c) for m, c in zip(means, zip(*per_seed))], [max(c) - m for m, c in zip(means, zip(*per_seed))]]
+        errors = [
+            [m - min(c) for m, c in zip(means, zip(*per_seed))],
+            [max(c) - m for m, c in zip(means, zip(*per_seed))],
+        ]
         axis.bar([x + i * width for x in range(len(types))], means, width, yerr=errors, capsize=2, label=name)
     axis.set_xticks([x + width * (len(runs) - 1) / 2 for x in range(len(types))], types)
-    axis.set(ylim=(0, 1), ylabel="test accuracy (full model)",
-             title=f"accuracy per question type, mean and min-max over seeds {results['seeds']}\n{caption}")
+    axis.set(
+        ylim=(0, 1),
+        ylabel="test accuracy (full model)",
+        title=f"accuracy per question type, mean and min-max over seeds {results['seeds']}\n{caption}",
+    )
     axis.legend(loc="lower right", fontsize=8)
     axis.grid(alpha=0.3, axis="y")
     figure.tight_layout()
@@ -246,9 +260,16 @@ def plot(results: dict, out: Path) -> None:
     plt.close(figure)
 
 
-def run_demo(out: str | Path = "runs/demo", train: int = 4000, test: int = 750, seed: int = 0,
-             recipes: dict[str, list[str]] = RECIPES, extra: list[str] = (), seeds: list[int] = (0,),
-             equal_time: bool = True) -> dict:
+def run_demo(
+    out: str | Path = "runs/demo",
+    train: int = 4000,
+    test: int = 750,
+    seed: int = 0,
+    recipes: dict[str, list[str]] = RECIPES,
+    extra: list[str] = (),
+    seeds: list[int] = (0,),
+    equal_time: bool = True,
+) -> dict:
     """Data from `seed`; every recipe trained with every training seed in `seeds`; with
     `equal_time`, the dense recipe cut to the fastest STS recipe's time too."""
     out = Path(out)
@@ -259,14 +280,22 @@ def run_demo(out: str | Path = "runs/demo", train: int = 4000, test: int = 750, 
 
         def train_and_score(name: str, overrides: list[str]) -> None:
             print(f"\n=== recipe {name}, training seed {training_seed} ===")
-            recipe = load_recipe("demo", [f"data.train={data['train']}", f"stages.0.data.train={data['align']}",
-                                          f"output_dir={out / name / f'seed-{training_seed}'}",
-                                          f"seed={training_seed}", *overrides])
+            recipe = load_recipe(
+                "demo",
+                [
+                    f"data.train={data['train']}",
+                    f"stages.0.data.train={data['align']}",
+                    f"output_dir={out / name / f'seed-{training_seed}'}",
+                    f"seed={training_seed}",
+                    *overrides,
+                ],
+            )
             trained = run_recipe(recipe)
             runs[name] = summarise(trained, evaluate(trained["model_dir"], data["test"]))
             dense = runs.get("baseline", runs[name])["stages"]  # the baseline runs first
-            runs[name]["llava_15_flops"] = llava_15_flops(recipe, [stage["steps"] / full["steps"] for stage, full
-                                                                   in zip(trained["stages"], dense)])
+            runs[name]["llava_15_flops"] = llava_15_flops(
+                recipe, [stage["steps"] / full["steps"] for stage, full in zip(trained["stages"], dense)]
+            )
 
         for name, overrides in recipes.items():
             train_and_score(name, [*overrides, *extra])
@@ -275,8 +304,12 @@ def run_demo(out: str | Path = "runs/demo", train: int = 4000, test: int = 750, 
             train_and_score(EQUAL_TIME, [*recipes["baseline"], *extra, *cut])
         compare(runs)
         per_seed[training_seed] = runs
-    results = {"date": datetime.date.today().isoformat(), "machine": machine(), "seeds": list(seeds),
-               "runs": aggregate(per_seed)}
+    results = {
+        "date": datetime.date.today().isoformat(),
+        "machine": machine(),
+        "seeds": list(seeds),
+        "runs": aggregate(per_seed),
+    }
     plot(results, out)
     (out / "results.json").write_text(json.dumps(results, indent=2))
     print("\n" + format_results(results))

@@ -10,6 +10,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from sts.cli.recipes import RecipeConfig
+from sts.lds import expected_skips
+from sts.vtc import kept_tokens
+
 
 @dataclass(frozen=True)
 class Shapes:
@@ -28,7 +32,7 @@ class Shapes:
     vocab: int
 
     @classmethod
-    def of(cls, config) -> "Shapes":
+    def of(cls, config) -> Shapes:
         """From a transformers multimodal config. The language model's widths are read from any
         family's text config; the vision side only from fixed-resolution towers (CLIP, SigLIP:
         `image_size`), as a dynamic-resolution tower's cost depends on each image's size: there
@@ -70,25 +74,31 @@ def attention_cost(forward: float, needs_grad: bool) -> float:
 def vision_flops(s: Shapes, images: int, trains: bool) -> float:
     tokens = s.image_tokens + 1  # CLS
     weights = s.vision_layers * (
-        linear(tokens, s.vision_hidden, 4 * s.vision_hidden) + linear(tokens, s.vision_hidden, 2 * s.vision_intermediate)
+        linear(tokens, s.vision_hidden, 4 * s.vision_hidden)
+        + linear(tokens, s.vision_hidden, 2 * s.vision_intermediate)
     )
     patch_embedding = linear(s.image_tokens, 3 * s.patch_size**2, s.vision_hidden)  # pixels need no gradient
     attention = s.vision_layers * 4.0 * tokens * tokens * s.vision_hidden
-    return images * (step_cost(weights, trains, trains) + step_cost(patch_embedding, False, trains)
-                     + attention_cost(attention, trains))
+    return images * (
+        step_cost(weights, trains, trains)
+        + step_cost(patch_embedding, False, trains)
+        + attention_cost(attention, trains)
+    )
 
 
 def language_layer_flops(s: Shapes, batch: int, length: int) -> tuple[float, float]:
     """(weight products, attention products) of one decoder layer over a padded batch."""
     tokens = batch * length
-    weights = (linear(tokens, s.text_hidden, 2 * s.text_hidden + 2 * s.text_kv_hidden)
-               + linear(tokens, s.text_hidden, 3 * s.text_intermediate))
+    weights = linear(tokens, s.text_hidden, 2 * s.text_hidden + 2 * s.text_kv_hidden) + linear(
+        tokens, s.text_hidden, 3 * s.text_intermediate
+    )
     attention = 4.0 * batch * length * length * s.text_hidden
     return weights, attention
 
 
-def train_step_flops(s: Shapes, batch: int, length: int, images: int, trains: dict[str, bool],
-                     layers_run: float | None = None) -> dict[str, float]:
+def train_step_flops(
+    s: Shapes, batch: int, length: int, images: int, trains: dict[str, bool], layers_run: float | None = None
+) -> dict[str, float]:
     """FLOPs of one forward+backward over `batch` sequences padded to `length` tokens.
 
     trains: part -> trainable (vision_tower, projector, language_model).
@@ -102,9 +112,44 @@ def train_step_flops(s: Shapes, batch: int, length: int, images: int, trains: di
     # The head's input gradient is always needed while anything trains.
     lm_head = step_cost(linear(batch * length, s.text_hidden, s.vocab), True, lm_trains)
     projector_forward = linear(images * s.image_tokens, s.projector_in, s.text_hidden) + linear(
-        images * s.image_tokens, s.text_hidden, s.text_hidden)
+        images * s.image_tokens, s.text_hidden, s.text_hidden
+    )
     return {
         "vision_tower": vision_flops(s, images, vision_trains),
         "projector": step_cost(projector_forward, vision_trains, projector_trains),
         "language_model": layers_run * lm_layer + lm_head,
     }
+
+
+def recipe_flops(
+    recipe: RecipeConfig, config, data: dict[str, tuple[int, float]], fractions: list[float]
+) -> list[float]:
+    """Each stage's analytic FLOPs for a model `config` with one fixed-size image per sample and
+    `data[stage] = (samples, text tokens per sample)`, under the recipe's STS settings (the
+    skipper's expected skips over the run, the share of full-token steps) and each stage's
+    samples times `fractions` (the share of the dense recipe's steps it ran: the equal-time
+    baseline runs fewer)."""
+    shapes, side = Shapes.of(config), config.vision_config.image_size // config.vision_config.patch_size
+    flops = []
+    for stage, fraction in zip(recipe.stages, fractions):
+        samples, text = data[stage.name]
+        sts = recipe.sts_for(stage)
+        trains = {part: mode == "full" for part, mode in stage.train.model_dump().items()}
+        layers = shapes.text_layers - (expected_skips(shapes.text_layers, sts.lds) if sts.lds else 0)
+
+        def per_sample(visual: int) -> float:
+            return sum(train_step_flops(shapes, 1, text + visual, 1, trains, layers).values())
+
+        cost = per_sample(side * side)
+        if sts.vtc:
+            full = (
+                sts.vtc.full_tokens_final_fraction
+                + (1 - sts.vtc.full_tokens_final_fraction) * sts.vtc.full_tokens_random_fraction
+            )
+            compressed = sum(
+                share * per_sample(kept_tokens(sts.vtc.strategy, (side, side), ratio))
+                for share, ratio in sts.vtc.phases()
+            )
+            cost = full * cost + (1 - full) * compressed
+        flops.append(samples * fraction * cost)
+    return flops

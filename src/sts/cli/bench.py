@@ -2,7 +2,7 @@
 
 Every setting is timed in one process, interleaved round by round, so that drift of the
 machine hits them alike. A step is forward, backward and the optimizer step. Speedup is
-baseline time / setting time; the FLOPs-ideal speedup comes from `sts.flops` with the
+baseline time / setting time; the FLOPs-ideal speedup comes from `sts.cli.flops` with the
 tokens and layers each step really ran, and their ratio says how close to ideal we are.
 """
 
@@ -17,21 +17,15 @@ from pathlib import Path
 
 import torch
 from tqdm import tqdm
-from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration, Qwen2Config
+from transformers import LlavaConfig, LlavaForConditionalGeneration
 
 import sts
 from sts.adapters import get_adapter
-from sts.config import TinyModelConfig
-from sts.flops import Shapes, train_step_flops
-from sts.models import tiny
+from sts.cli.flops import Shapes, train_step_flops
+from sts.cli.presets import preset_config
 
 ALIGN = {"vision_tower": "frozen", "projector": "full", "language_model": "frozen"}
 INSTRUCT = {"vision_tower": "frozen", "projector": "full", "language_model": "full"}
-
-
-# LLaVA-1.5's two stages: (samples, mean text tokens per sample beside its 576 visual tokens):
-# LCS-558K's short captions, then mix665k's multi-turn conversations.
-LLAVA_15_DATA = {"align": (558_000, 43), "instruct": (665_000, 247)}
 
 
 @dataclass
@@ -51,38 +45,22 @@ SETTINGS = [
     Setting("instruct", "instruct", None),
     Setting("instruct+lds0.5", "instruct", {"lds": {"alpha": 0.5, "epsilon": 0.5}}),
     # sts-max's instruction tuning: 2x2 pooling with proportional attention (a 4D float mask)
-    Setting("instruct+pool0.25", "instruct",
-            {"vtc": {"strategy": "pool", "keep_ratio": 0.25, "proportional_attention": True}}),
+    Setting(
+        "instruct+pool0.25",
+        "instruct",
+        {"vtc": {"strategy": "pool", "keep_ratio": 0.25, "proportional_attention": True}},
+    ),
     Setting("instruct+uniform0.25", "instruct", {"vtc": {"strategy": "uniform", "keep_ratio": 0.25}}),
-    Setting("instruct+pool0.25+lds0.5", "instruct",
-            {"vtc": {"strategy": "pool", "keep_ratio": 0.25, "proportional_attention": True},
-             "lds": {"alpha": 0.5, "epsilon": 0.5}}),
+    Setting(
+        "instruct+pool0.25+lds0.5",
+        "instruct",
+        {
+            "vtc": {"strategy": "pool", "keep_ratio": 0.25, "proportional_attention": True},
+            "lds": {"alpha": 0.5, "epsilon": 0.5},
+        },
+    ),
     Setting("instruct+sts-off", "instruct", {}),  # apply_sts with nothing enabled: its overhead
 ]
-
-
-def clip_l_336() -> CLIPVisionConfig:
-    return CLIPVisionConfig(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16,
-                            image_size=336, patch_size=14)
-
-
-def preset_config(name: str, layers: int | None) -> tuple[LlavaConfig, dict]:
-    """(config, text tokens per sample in each stage) of a preset; `layers` overrides the decoder depth."""
-    llava_text = {stage: text for stage, (_, text) in LLAVA_15_DATA.items()}
-    if name == "tiny":
-        return tiny.build_config(TinyModelConfig()), {"align": 66, "instruct": 66}
-    if name == "llava-1.5-7b":
-        text = LlamaConfig(hidden_size=4096, intermediate_size=11008, num_attention_heads=32,
-                           num_key_value_heads=32, num_hidden_layers=layers or 32, vocab_size=32064,
-                           max_position_embeddings=4096)
-        return LlavaConfig(vision_config=clip_l_336(), text_config=text, image_token_index=32000,
-                           vision_feature_layer=-2, image_seq_length=576), llava_text
-    if name == "llava-1.5-0.5b":
-        text = Qwen2Config(hidden_size=896, intermediate_size=4864, num_attention_heads=14, num_key_value_heads=2,
-                           num_hidden_layers=layers or 24, vocab_size=151936, max_position_embeddings=4096)
-        return LlavaConfig(vision_config=clip_l_336(), text_config=text, image_token_index=151646,
-                           vision_feature_layer=-2, image_seq_length=576), llava_text
-    raise ValueError(f"unknown preset {name!r}; choose tiny, llava-1.5-7b or llava-1.5-0.5b")
 
 
 def synthetic_batch(config: LlavaConfig, batch: int, text_tokens: int, device) -> dict:
@@ -92,7 +70,7 @@ def synthetic_batch(config: LlavaConfig, batch: int, text_tokens: int, device) -
     text = torch.randint(10, min(config.text_config.vocab_size, 30000), (batch, text_tokens), generator=generator)
     ids = torch.cat([text[:, :1], torch.full((batch, image_tokens), config.image_token_index), text[:, 1:]], dim=1)
     labels = torch.full_like(ids, -100)
-    labels[:, -text_tokens // 4:] = ids[:, -text_tokens // 4:]  # the answer: the last quarter of the text
+    labels[:, -text_tokens // 4 :] = ids[:, -text_tokens // 4 :]  # the answer: the last quarter of the text
     pixels = torch.randn(batch, 3, vision.image_size, vision.image_size, generator=generator)
     batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels, "pixel_values": pixels}
     return {k: v.to(device) for k, v in batch.items()}
@@ -129,8 +107,15 @@ class Record:
     peak_bytes: int = 0
 
 
-def run_bench(preset: str = "tiny", steps: int = 10, warmup: int = 2, batch: int = 8, layers: int | None = None,
-              settings: list[str] | None = None, out: str | Path | None = "benchmarks/results") -> dict:
+def run_bench(
+    preset: str = "tiny",
+    steps: int = 10,
+    warmup: int = 2,
+    batch: int = 8,
+    layers: int | None = None,
+    settings: list[str] | None = None,
+    out: str | Path | None = "benchmarks/results",
+) -> dict:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     config, text_tokens = preset_config(preset, layers)
@@ -223,12 +208,17 @@ def lm_share(shapes: Shapes, batch: int, length: int) -> float:
 
 
 def format_bench(result: dict) -> str:
-    head = (f"sts bench {result['preset']} on {result['device']} ({result['dtype']}, batch {result['batch']}, "
-            f"{result['sequence_tokens']['align']}/{result['sequence_tokens']['instruct']} tokens in align/instruct, {result['decoder_layers']} decoder layers, {result['date']})")
+    head = (
+        f"sts bench {result['preset']} on {result['device']} ({result['dtype']}, batch {result['batch']}, "
+        f"{result['sequence_tokens']['align']}/{result['sequence_tokens']['instruct']} tokens in align/instruct, "
+        f"{result['decoder_layers']} decoder layers, {result['date']})"
+    )
     lines = [head, f"{'setting':<26}{'steps/s':>9}{'tokens/s':>11}{'peak GB':>9}{'speedup':>9}{'ideal':>8}{'ratio':>7}"]
     for name, row in result["settings"].items():
         peak = f"{row['peak_memory_gb']:.1f}" if row["peak_memory_gb"] else "n/a"
-        lines.append(f"{name:<26}{row['steps_per_s']:>9.2f}{row['lm_tokens_per_s']:>11.0f}{peak:>9}"
-                     f"{row['speedup']:>9.2f}{row['flops_ideal_speedup']:>8.2f}{row['speedup_over_ideal']:>7.2f}")
+        lines.append(
+            f"{name:<26}{row['steps_per_s']:>9.2f}{row['lm_tokens_per_s']:>11.0f}{peak:>9}"
+            f"{row['speedup']:>9.2f}{row['flops_ideal_speedup']:>8.2f}{row['speedup_over_ideal']:>7.2f}"
+        )
     lines.append(f"language model share of a full instruction-tuning step's FLOPs: {result['lm_share_of_flops']:.1%}")
     return "\n".join(lines)

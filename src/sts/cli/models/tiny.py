@@ -26,15 +26,15 @@ from transformers import (
     PreTrainedTokenizerFast,
 )
 
-from sts.config import TinyModelConfig
-from sts.data.synth import vocabulary
+from sts.cli.data.synth import vocabulary
+from sts.cli.recipes import TinyModelConfig
 
 BASE_WEIGHTS = Path(__file__).resolve().parent.parent / "assets" / "tiny-base.safetensors"
 SPECIAL_TOKENS = ["<pad>", "<unk>", "<s>", "</s>", "<image>"]
 IMAGE_TOKEN = "<image>"
 TEMPLATE_WORDS = ["USER", "ASSISTANT", ":"]
 
-# LLaVA-1.5's conversation format; `sts.data.llava` writes the same text segment by segment.
+# LLaVA-1.5's conversation format; `sts.cli.data.llava` writes the same text segment by segment.
 CHAT_TEMPLATE = (
     "{% for message in messages %}"
     "{% if message['role'] == 'user' %}USER: "
@@ -142,8 +142,12 @@ def build_model(cfg: TinyModelConfig | None = None, seed: int = 0, base: bool = 
 EXTRA_PREFIX = "pretrain."  # pre-training state kept beside the weights (for resuming), never loaded into a model
 
 
-def save_base_weights(model: LlavaForConditionalGeneration, cfg: TinyModelConfig, path: Path = BASE_WEIGHTS,
-                      extra: dict[str, torch.Tensor] | None = None) -> Path:
+def save_base_weights(
+    model: LlavaForConditionalGeneration,
+    cfg: TinyModelConfig,
+    path: Path = BASE_WEIGHTS,
+    extra: dict[str, torch.Tensor] | None = None,
+) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     tensors = {k: v.detach().clone().contiguous() for k, v in model.state_dict().items() if is_base_part(k)}
     tensors.update({k: v.detach().clone().contiguous() for k, v in (extra or {}).items()})

@@ -13,8 +13,9 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from sts.data.check import problems
-from sts.data.llava import DataError, Records, image_paths, open_image, to_messages
+from sts.cli.data.check import problems
+from sts.cli.data.records import DataError, Records, image_paths, open_image
+from sts.cli.data.render import to_messages
 
 
 def questions(records: list[dict]) -> list[dict]:
@@ -23,12 +24,14 @@ def questions(records: list[dict]) -> list[dict]:
     for record in records:
         turns = record["conversations"]
         for k in range(0, len(turns) - 1, 2):
-            items.append({
-                "record": record,
-                "messages": to_messages(turns[: k + 1], len(image_paths(record))),
-                "answer": turns[k + 1]["value"].strip(),
-                "type": turns[k].get("type", "all"),
-            })
+            items.append(
+                {
+                    "record": record,
+                    "messages": to_messages(turns[: k + 1], len(image_paths(record))),
+                    "answer": turns[k + 1]["value"].strip(),
+                    "type": turns[k].get("type", "all"),
+                }
+            )
     return items
 
 
@@ -47,17 +50,24 @@ def answer(model, processor, items: list[dict], images_dir: Path, batch_size: in
         inputs = processor(text=prompts, images=images or None, padding=True, return_tensors="pt")
         inputs.pop("token_type_ids", None)
         inputs = inputs.to(model.device)
-        generated = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False,
-                                   pad_token_id=processor.tokenizer.pad_token_id)
-        new_tokens = generated[:, inputs["input_ids"].shape[1]:]
+        generated = model.generate(
+            **inputs, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=processor.tokenizer.pad_token_id
+        )
+        new_tokens = generated[:, inputs["input_ids"].shape[1] :]
         predictions += processor.batch_decode(new_tokens, skip_special_tokens=True)
     return predictions
 
 
-def evaluate(model_dir: str | Path, data: str | Path, images: str | Path | None = None,
-             batch_size: int = 64, max_new_tokens: int = 8, limit: int | None = None) -> dict:
+def evaluate(
+    model_dir: str | Path,
+    data: str | Path,
+    images: str | Path | None = None,
+    batch_size: int = 64,
+    max_new_tokens: int = 8,
+    limit: int | None = None,
+) -> dict:
     """Exact-match accuracy overall and per question type."""
-    from sts.train import load_model_and_processor
+    from sts.cli.checkpoints import load_model_and_processor
 
     stored = Records(data)
     count = len(stored) if limit is None else min(limit, len(stored))

@@ -9,55 +9,31 @@ from __future__ import annotations
 import contextlib
 import importlib.util
 import logging
-import os
 import shutil
-import threading
 import time
 from pathlib import Path
 
 import torch
 from transformers import (
-    AutoModelForImageTextToText,
-    AutoProcessor,
-    TrainerCallback,
     TrainingArguments,
     set_seed,
 )
 
 from sts.adapters import get_adapter
 from sts.callback import STSCallback
-from sts.config import ConfigError, RecipeConfig, StageConfig, STSConfig
-from sts.data.llava import Collator, LlavaDataset
-from sts.distributed import is_main, world_size
-from sts.flops import Shapes, train_step_flops
+from sts.cli.checkpoints import load_model, load_model_and_processor
+from sts.cli.data.collate import Collator
+from sts.cli.data.dataset import LlavaDataset
+from sts.cli.distributed import is_main, world_size
+from sts.cli.meters import PeakMemory, StepMeter
+from sts.cli.models import tiny
+from sts.cli.recipe_trainer import STAGING, RecipeTrainer
+from sts.cli.recipes import ConfigError, RecipeConfig, StageConfig
+from sts.config import STSConfig
 from sts.lds import can_skip
-from sts.models import tiny
-from sts.patch import apply_sts, drain_stats, remove_sts
-from sts.trainer import STAGING, RecipeTrainer
+from sts.patch import apply_sts, remove_sts
 
 DEEPSPEED_CONFIGS = Path(__file__).resolve().parent / "configs" / "deepspeed"
-
-
-def load_model_and_processor(path: str | Path, trust_remote_code: bool = False):
-    """A local checkpoint folder; sts never downloads weights, and reads them only from
-    safetensors (a pickled .bin file can run code when loaded)."""
-    return load_model(path, trust_remote_code), AutoProcessor.from_pretrained(path, trust_remote_code=trust_remote_code)
-
-
-def load_model(path: str | Path, trust_remote_code: bool = False):
-    if not (Path(path) / "config.json").exists():
-        raise FileNotFoundError(f"no model checkpoint (config.json) in {path}")
-    if not any(Path(path).glob("*.safetensors")):
-        raise FileNotFoundError(f"no safetensors weights in {path}: sts does not load pickled weights (.bin), "
-                                "which can run code; convert them with save_pretrained(safe_serialization=True)")
-    try:
-        return AutoModelForImageTextToText.from_pretrained(path, dtype=torch.float32, use_safetensors=True,
-                                                           trust_remote_code=trust_remote_code)
-    except ValueError as error:
-        if "trust_remote_code" not in str(error):
-            raise
-        raise ConfigError(f"model.path: {path} needs its own Python code to load; set model.trust_remote_code=true "
-                          "if you trust it") from None
 
 
 def initial_model(cfg: RecipeConfig):
@@ -108,34 +84,18 @@ def engine_arguments(engine: str, deepspeed_config: str | None, model, unused_pa
         raise ConfigError(f"distributed: {engine} needs DeepSpeed (pip install deepspeed)")
     if engine == "fsdp":
         layer = type(get_adapter(model).decoder_layers()[0]).__name__
-        arguments.update(fsdp=True, fsdp_config={"version": 2, "transformer_layer_cls_to_wrap": [layer],
-                                                 "reshard_after_forward": True, "state_dict_type": "FULL_STATE_DICT"})
+        arguments.update(
+            fsdp=True,
+            fsdp_config={
+                "version": 2,
+                "transformer_layer_cls_to_wrap": [layer],
+                "reshard_after_forward": True,
+                "state_dict_type": "FULL_STATE_DICT",
+            },
+        )
     elif engine in ("zero2", "zero3"):
         arguments["deepspeed"] = deepspeed_config or str(DEEPSPEED_CONFIGS / f"{engine}.json")
     return arguments
-
-
-class StepMeter(TrainerCallback):
-    """Records what each step cost: analytic FLOPs of the tokens and layers really run, and
-    (seconds, step, loss) points."""
-
-    def __init__(self, model, trains: dict[str, bool]):
-        self.model = model
-        self.trains = trains
-        self.shapes = Shapes.of(model.config)
-        self.started = time.perf_counter()
-        self.flops = 0.0
-        self.points: list[tuple[float, int, float]] = []
-
-    def on_step_end(self, args, state, control, **kwargs):
-        for forward in drain_stats(self.model):
-            layers_run = self.shapes.text_layers - len(forward["skipped_layers"])
-            self.flops += sum(train_step_flops(self.shapes, forward["batch_size"], forward["lm_seq_len"],
-                                               forward["images"], self.trains, layers_run).values())
-
-    def on_log(self, args, state, control, logs=None, **kwargs):
-        if logs and "loss" in logs:
-            self.points.append((time.perf_counter() - self.started, state.global_step, logs["loss"]))
 
 
 @contextlib.contextmanager
@@ -148,38 +108,6 @@ def quiet_reload():
         yield
     finally:
         logger.setLevel(level)
-
-
-class PeakMemory:
-    """Peak memory of a block: CUDA allocations on a GPU, else resident set size, sampled."""
-
-    def __enter__(self):
-        self.peak = 0
-        if torch.cuda.is_available():
-            torch.cuda.reset_peak_memory_stats()
-        else:
-            self.running = True
-            self.sampler = threading.Thread(target=self.sample, daemon=True)
-            self.sampler.start()
-        return self
-
-    def sample(self):
-        page = os.sysconf("SC_PAGE_SIZE")
-        while self.running:
-            with open("/proc/self/statm") as statm:
-                self.peak = max(self.peak, int(statm.read().split()[1]) * page)
-            time.sleep(0.05)
-
-    def __exit__(self, *exc):
-        if torch.cuda.is_available():
-            self.peak = torch.cuda.max_memory_allocated()
-        else:
-            self.running = False
-            self.sampler.join()
-
-    @property
-    def gigabytes(self) -> float:
-        return self.peak / 2**30
 
 
 def checkpoint_to_resume(stage: StageConfig, output_dir: Path, resuming_run: bool = False) -> Path | None:
@@ -199,9 +127,18 @@ def checkpoint_to_resume(stage: StageConfig, output_dir: Path, resuming_run: boo
     return folder
 
 
-def run_stage(stage: StageConfig, model, processor, dataset, output_dir: Path, seed: int,
-              sts: STSConfig | None = None, distributed: str = "ddp", deepspeed_config: str | None = None,
-              resuming_run: bool = False) -> dict:
+def run_stage(
+    stage: StageConfig,
+    model,
+    processor,
+    dataset,
+    output_dir: Path,
+    seed: int,
+    sts: STSConfig | None = None,
+    distributed: str = "ddp",
+    deepspeed_config: str | None = None,
+    resuming_run: bool = False,
+) -> dict:
     """Train one stage; STS is always attached (an empty config enables nothing) so that every
     stage, baseline included, is metered the same way. A resumed stage starts from its
     checkpoint's weights (loaded here: transformers 5.24's Trainer reloads them without the key
@@ -267,8 +204,9 @@ def run_recipe(cfg: RecipeConfig) -> dict:
     datasets = {}  # stages that read the same data share one encoding of it
     for data in map(cfg.data_for, cfg.stages):
         if data not in datasets:
-            datasets[data] = LlavaDataset(data.train, processor, data.images, data.template, data.cache,
-                                          data.max_length, data.on_bad_sample)
+            datasets[data] = LlavaDataset(
+                data.train, processor, data.images, data.template, data.cache, data.max_length, data.on_bad_sample
+            )
             datasets[data].validate()  # a bad record stops the run (or is left out) before any training
             if data.cache:
                 datasets[data].encode_all()
@@ -280,8 +218,20 @@ def run_recipe(cfg: RecipeConfig) -> dict:
             continue
         if index > 0:
             model, processor = load_model_and_processor(stages[-1]["model_dir"])
-        stages.append(run_stage(stage, model, processor, datasets[cfg.data_for(stage)], output_dir / stage.name,
-                                cfg.seed, cfg.sts_for(stage), cfg.distributed, cfg.deepspeed_config, cfg.resume))
+        stages.append(
+            run_stage(
+                stage,
+                model,
+                processor,
+                datasets[cfg.data_for(stage)],
+                output_dir / stage.name,
+                cfg.seed,
+                cfg.sts_for(stage),
+                cfg.distributed,
+                cfg.deepspeed_config,
+                cfg.resume,
+            )
+        )
     return {
         "model_dir": stages[-1]["model_dir"],
         "train_seconds": sum(s["seconds"] for s in stages),

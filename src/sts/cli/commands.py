@@ -1,17 +1,33 @@
-"""`sts demo | data synth | train | eval | pretrain-base`."""
+"""`sts demo | data synth | data check | train | eval | bench | pretrain-base`."""
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import sys
+
+# The `cli` extra of pyproject.toml, which the command needs beside the method: distribution -> its module.
+CLI_EXTRA = {
+    "accelerate": "accelerate",
+    "pyyaml": "yaml",
+    "safetensors": "safetensors",
+    "pillow": "PIL",
+    "tqdm": "tqdm",
+    "matplotlib": "matplotlib",
+}
 
 
 def cmd_data(args) -> None:
-    from sts.data.synth import generate
+    from sts.cli.data.synth import generate
 
     paths = generate(args.out, args.train, args.test, args.seed, questions=args.questions, align=args.align)
-    print("wrote " + ", ".join(f"{path} ({count} records)" for path, count in
-                               zip(paths.values(), [args.align, args.train, args.test][-len(paths):])))
+    print(
+        "wrote "
+        + ", ".join(
+            f"{path} ({count} records)"
+            for path, count in zip(paths.values(), [args.align, args.train, args.test][-len(paths) :])
+        )
+    )
 
 
 def cmd_data_check(args) -> int:
@@ -19,8 +35,8 @@ def cmd_data_check(args) -> int:
 
     from tqdm import tqdm
 
-    from sts.data.check import load_processor, problems
-    from sts.data.llava import LlavaDataset
+    from sts.cli.data.check import load_processor, problems
+    from sts.cli.data.dataset import LlavaDataset
 
     processor = load_processor(args.model) if args.max_length else None
     dataset = LlavaDataset(args.data, processor, args.images, args.template, max_length=args.max_length)
@@ -34,9 +50,9 @@ def cmd_data_check(args) -> int:
 
 
 def cmd_train(args) -> None:
-    from sts.config import load_recipe
-    from sts.distributed import is_main, label_logs_with_rank
-    from sts.train import run_recipe
+    from sts.cli.distributed import is_main, label_logs_with_rank
+    from sts.cli.recipes import load_recipe
+    from sts.cli.train import run_recipe
 
     label_logs_with_rank()
     result = run_recipe(load_recipe(args.config, args.overrides))
@@ -54,7 +70,7 @@ def cmd_train(args) -> None:
 
 
 def cmd_eval(args) -> None:
-    from sts.evaluate import evaluate, format_table, write_json
+    from sts.cli.evaluate import evaluate, format_table, write_json
 
     result = evaluate(args.model, args.data, args.images, batch_size=args.batch_size, limit=args.limit)
     print(format_table(result))
@@ -63,14 +79,21 @@ def cmd_eval(args) -> None:
 
 
 def cmd_demo(args) -> None:
-    from sts.demo import run_demo, select_recipes
+    from sts.cli.demo import run_demo, select_recipes
 
-    run_demo(args.out, train=args.train, test=args.test, seed=args.seed, recipes=select_recipes(args.recipe),
-             seeds=parse_seeds(args.seeds), equal_time=not args.no_equal_time)
+    run_demo(
+        args.out,
+        train=args.train,
+        test=args.test,
+        seed=args.seed,
+        recipes=select_recipes(args.recipe),
+        seeds=parse_seeds(args.seeds),
+        equal_time=not args.no_equal_time,
+    )
 
 
 def parse_seeds(text: str) -> list[int]:
-    from sts.config import ConfigError
+    from sts.cli.recipes import ConfigError
 
     try:
         seeds = [int(part) for part in text.split(",")]
@@ -82,21 +105,35 @@ def parse_seeds(text: str) -> list[int]:
 
 
 def cmd_bench(args) -> None:
-    from sts.bench import run_bench
+    from sts.cli.bench import run_bench
 
-    run_bench(args.preset, steps=args.steps, warmup=args.warmup, batch=args.batch, layers=args.layers,
-              settings=args.settings.split(",") if args.settings else None, out=args.out)
+    run_bench(
+        args.preset,
+        steps=args.steps,
+        warmup=args.warmup,
+        batch=args.batch,
+        layers=args.layers,
+        settings=args.settings.split(",") if args.settings else None,
+        out=args.out,
+    )
 
 
 def cmd_pretrain_base(args) -> None:
-    from sts.pretrain import pretrain_base
+    from sts.cli.pretrain import pretrain_base
 
-    pretrain_base(args.out, records=args.records, vision_steps=args.vision_steps,
-                  language_steps=args.language_steps, seed=args.seed, resume=args.resume)
+    pretrain_base(
+        args.out,
+        records=args.records,
+        vision_steps=args.vision_steps,
+        language_steps=args.language_steps,
+        seed=args.seed,
+        resume=args.resume,
+    )
 
 
 def at_least(minimum: int):
     """An argparse type: an integer >= minimum (a wrong one is argparse's one-line usage error)."""
+
     def count(text: str) -> int:
         value = int(text)
         if value < minimum:
@@ -113,17 +150,32 @@ def build_parser() -> argparse.ArgumentParser:
 
     demo = commands.add_parser("demo", help="synthetic data -> train the tiny LLaVA -> evaluate, in minutes on a CPU")
     demo.add_argument("--out", default="runs/demo", help="folder for data, models, figures and results.json")
-    demo.add_argument("--train", type=at_least(1), default=4000,
-                      help="training images: as many captions for alignment and conversations for instruction tuning")
+    demo.add_argument(
+        "--train",
+        type=at_least(1),
+        default=4000,
+        help="training images: as many captions for alignment and conversations for instruction tuning",
+    )
     demo.add_argument("--test", type=at_least(1), default=750, help="test images (two questions each)")
     demo.add_argument("--seed", type=int, default=0, help="seed of the synthetic data")
-    demo.add_argument("--seeds", default="0", help="training seeds, comma-separated (e.g. 0,1,2): every recipe "
-                                                   "is trained with each; the table shows means with min-max")
-    demo.add_argument("--no-equal-time", action="store_true",
-                      help="skip the baseline-equal-time row (the dense recipe cut to the fastest STS recipe's time)")
-    demo.add_argument("--recipe", action="append", metavar="NAME[='key=value ...']",
-                      help="run these recipes (repeatable; default: baseline, sts, sts-max): a shipped name, "
-                           "or a new name with overrides of the demo recipe; baseline always runs")
+    demo.add_argument(
+        "--seeds",
+        default="0",
+        help="training seeds, comma-separated (e.g. 0,1,2): every recipe "
+        "is trained with each; the table shows means with min-max",
+    )
+    demo.add_argument(
+        "--no-equal-time",
+        action="store_true",
+        help="skip the baseline-equal-time row (the dense recipe cut to the fastest STS recipe's time)",
+    )
+    demo.add_argument(
+        "--recipe",
+        action="append",
+        metavar="NAME[='key=value ...']",
+        help="run these recipes (repeatable; default: baseline, sts, sts-max): a shipped name, "
+        "or a new name with overrides of the demo recipe; baseline always runs",
+    )
     demo.set_defaults(run=cmd_demo)
 
     data = commands.add_parser("data", help="datasets").add_subparsers(dest="data_command", required=True)
@@ -135,16 +187,27 @@ def build_parser() -> argparse.ArgumentParser:
     synth.add_argument("--align", type=int, default=4000, help="caption records for alignment (align.json); 0: none")
     synth.add_argument("--seed", type=int, default=0)
     synth.set_defaults(run=cmd_data)
-    check = data.add_parser("check", help="find every bad record of a LLaVA-format JSON file (one line each); "
-                                          "exit status 1 if there is one")
+    check = data.add_parser(
+        "check", help="find every bad record of a LLaVA-format JSON file (one line each); exit status 1 if there is one"
+    )
     check.add_argument("data", help="the LLaVA-format JSON file")
     check.add_argument("--images", help="image folder; defaults to the JSON file's folder")
-    check.add_argument("--max-length", type=at_least(1), help="also check that every sample, encoded and truncated as "
-                                                      "training does, keeps its images whole and an answer to train on")
-    check.add_argument("--model", help="a local checkpoint folder whose processor encodes for --max-length "
-                                       "(default: the embedded tiny model's)")
-    check.add_argument("--template", choices=["chat", "plain"], default="chat", help="the format --max-length "
-                                                                                     "encodes in (data.template)")
+    check.add_argument(
+        "--max-length",
+        type=at_least(1),
+        help="also check that every sample, encoded and truncated as "
+        "training does, keeps its images whole and an answer to train on",
+    )
+    check.add_argument(
+        "--model",
+        help="a local checkpoint folder whose processor encodes for --max-length (default: the embedded tiny model's)",
+    )
+    check.add_argument(
+        "--template",
+        choices=["chat", "plain"],
+        default="chat",
+        help="the format --max-length encodes in (data.template)",
+    )
     check.set_defaults(run=cmd_data_check)
 
     train = commands.add_parser("train", help="run a recipe of stages")
@@ -182,12 +245,32 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def missing_extras() -> list[str]:
+    """The distributions of the `cli` extra that cannot be imported here."""
+
+    def importable(module: str) -> bool:
+        try:
+            return importlib.util.find_spec(module) is not None
+        except (ImportError, ValueError):  # ValueError: a module set to None in sys.modules
+            return False
+
+    return [distribution for distribution, module in CLI_EXTRA.items() if not importable(module)]
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    missing = missing_extras()
+    if missing:
+        print(
+            f"sts: error: the sts command needs its cli extra (missing: {', '.join(missing)}); "
+            "pip install 'sts-mllm[cli]'",
+            file=sys.stderr,
+        )
+        return 2
     from sts.adapters import UnsupportedModelError
-    from sts.config import ConfigError
-    from sts.data.llava import DataError
-    from sts.trainer import TrainingError
+    from sts.cli.data.records import DataError
+    from sts.cli.recipe_trainer import TrainingError
+    from sts.cli.recipes import ConfigError
 
     try:
         status = args.run(args)
@@ -195,7 +278,3 @@ def main(argv: list[str] | None = None) -> int:
         print(f"sts: error: {error.headline if isinstance(error, DataError) else error}", file=sys.stderr)
         return 2
     return status or 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -33,8 +33,9 @@ class TrainingError(RuntimeError):
 
 
 class RecipeTrainer(Trainer):
-    def __init__(self, *args, stage_name: str, on_nonfinite_loss: str = "error", group_by_length: bool = False,
-                 **kwargs):
+    def __init__(
+        self, *args, stage_name: str, on_nonfinite_loss: str = "error", group_by_length: bool = False, **kwargs
+    ):
         super().__init__(*args, **kwargs)
         self.stage_name = stage_name
         self.on_nonfinite_loss = on_nonfinite_loss
@@ -49,17 +50,22 @@ class RecipeTrainer(Trainer):
             return super()._get_train_sampler(train_dataset)
         dataset = train_dataset if train_dataset is not None else self.train_dataset
         batch = self.args.train_batch_size * self.args.gradient_accumulation_steps
-        return LengthGroupedSampler(batch, lengths=dataset.lengths(),
-                                    generator=torch.Generator().manual_seed(self.args.data_seed or self.args.seed))
+        return LengthGroupedSampler(
+            batch,
+            lengths=dataset.lengths(),
+            generator=torch.Generator().manual_seed(self.args.data_seed or self.args.seed),
+        )
 
     def training_step(self, model, inputs, num_items_in_batch=None):
         loss = super().training_step(model, inputs, num_items_in_batch)
         if not torch.isfinite(loss):
             step = self.state.global_step + 1
             if self.on_nonfinite_loss == "error":
-                raise TrainingError(f"stage {self.stage_name}: the loss is {loss.item()} at step {step}; stopped "
-                                    f"before that step changed the weights (stages.N.on_nonfinite_loss: skip "
-                                    f"drops such steps instead)")
+                raise TrainingError(
+                    f"stage {self.stage_name}: the loss is {loss.item()} at step {step}; stopped "
+                    f"before that step changed the weights (stages.N.on_nonfinite_loss: skip "
+                    f"drops such steps instead)"
+                )
             self.nonfinite_in_step = True
         return loss
 
@@ -74,8 +80,12 @@ class RecipeTrainer(Trainer):
         name = f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
         self.publish(Path(run_dir, STAGING, name), Path(run_dir, name))
         if self.args.should_save:
-            rotate_checkpoints(output_dir=run_dir, save_total_limit=self.args.save_total_limit,
-                               best_model_checkpoint=self.state.best_model_checkpoint, use_mtime=False)
+            rotate_checkpoints(
+                output_dir=run_dir,
+                save_total_limit=self.args.save_total_limit,
+                best_model_checkpoint=self.state.best_model_checkpoint,
+                use_mtime=False,
+            )
 
     def save_model_whole(self, folder: Path) -> None:
         """The final model, saved like a checkpoint: complete under its name, or absent."""
@@ -111,5 +121,8 @@ class DropNonFiniteSteps(TrainerCallback):
         if seen.item():
             model.zero_grad(set_to_none=True)  # the optimizer leaves parameters without gradients alone
             self.trainer.dropped_steps.append(state.global_step + 1)
-            logger.warning("sts: stage %s, step %d: the loss was not finite; the step was dropped",
-                           self.trainer.stage_name, state.global_step + 1)
+            logger.warning(
+                "sts: stage %s, step %d: the loss was not finite; the step was dropped",
+                self.trainer.stage_name,
+                state.global_step + 1,
+            )

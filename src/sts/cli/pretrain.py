@@ -29,9 +29,10 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 from transformers import get_cosine_schedule_with_warmup
 
-from sts.data.llava import IGNORE_INDEX, Collator, LlavaDataset
-from sts.data.synth import CELL, COLOURS, SHAPES, answer_words, generate, side_of
-from sts.models.tiny import (
+from sts.cli.data.collate import Collator
+from sts.cli.data.dataset import LlavaDataset
+from sts.cli.data.synth import CELL, COLOURS, SHAPES, answer_words, generate, side_of
+from sts.cli.models.tiny import (
     BASE_WEIGHTS,
     EXTRA_PREFIX,
     TinyModelConfig,
@@ -40,6 +41,7 @@ from sts.models.tiny import (
     load_extra,
     save_base_weights,
 )
+from sts.cut import IGNORE_INDEX
 
 NUM_CONTENTS = 1 + len(COLOURS) * len(SHAPES)  # empty, or one colour-shape pair
 EMPTY_KEY = f"{EXTRA_PREFIX}empty"  # the learned "empty cell" vector, kept for --resume and checks
@@ -62,10 +64,12 @@ def patch_objects(scenes: list[list[dict]], cfg: TinyModelConfig) -> list[list[d
 def patch_targets(scenes: list[list[dict]], cfg: TinyModelConfig) -> torch.Tensor:
     """(batch, patches) content index of each patch's grid cell: 0 empty, else colour-shape."""
     colours, shapes = list(COLOURS), list(SHAPES)
-    return torch.tensor([
-        [0 if o is None else 1 + colours.index(o["colour"]) * len(SHAPES) + shapes.index(o["shape"]) for o in image]
-        for image in patch_objects(scenes, cfg)
-    ])
+    return torch.tensor(
+        [
+            [0 if o is None else 1 + colours.index(o["colour"]) * len(SHAPES) + shapes.index(o["shape"]) for o in image]
+            for image in patch_objects(scenes, cfg)
+        ]
+    )
 
 
 class SceneBatches:
@@ -76,8 +80,13 @@ class SceneBatches:
             raise ValueError(f"{len(dataset)} records cannot fill one batch of {batch_size}")
         self.dataset = dataset
         self.collate = Collator(dataset.processor.tokenizer.pad_token_id)
-        self.loader = DataLoader(range(len(dataset)), batch_size=batch_size, shuffle=True,
-                                 drop_last=True, generator=torch.Generator().manual_seed(seed))
+        self.loader = DataLoader(
+            range(len(dataset)),
+            batch_size=batch_size,
+            shuffle=True,
+            drop_last=True,
+            generator=torch.Generator().manual_seed(seed),
+        )
 
     def __iter__(self):
         while True:  # forever
@@ -93,8 +102,7 @@ def alternate(*streams):
         yield from batches
 
 
-def train_loop(name: str, params, loss_fn, batches, steps: int, lr: float, log_every: int = 100,
-               checkpoint=None):
+def train_loop(name: str, params, loss_fn, batches, steps: int, lr: float, log_every: int = 100, checkpoint=None):
     """AdamW with warm-up and cosine decay. `loss_fn` returns (loss, accuracy, extra metrics
     for the log line); `checkpoint()` runs at every log line."""
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
@@ -120,11 +128,13 @@ def train_loop(name: str, params, loss_fn, batches, steps: int, lr: float, log_e
 def pretrain_vision(model, cfg: TinyModelConfig, batches, steps: int, lr: float) -> float:
     tower = model.model.vision_tower
     side = cfg.image_size // cfg.patch_size
-    heads = nn.ModuleDict({
-        "content": nn.Linear(cfg.vision_hidden, NUM_CONTENTS),
-        "row": nn.Linear(cfg.vision_hidden, side),
-        "col": nn.Linear(cfg.vision_hidden, side),
-    })
+    heads = nn.ModuleDict(
+        {
+            "content": nn.Linear(cfg.vision_hidden, NUM_CONTENTS),
+            "row": nn.Linear(cfg.vision_hidden, side),
+            "col": nn.Linear(cfg.vision_hidden, side),
+        }
+    )
     positions = torch.arange(side * side)
 
     def loss_fn(batch):
@@ -149,14 +159,18 @@ class SymbolicAnswers:
     def __init__(self, model, cfg: TinyModelConfig, tokenizer, empty: nn.Parameter):
         self.model, self.cfg, self.tokenizer, self.empty = model, cfg, tokenizer, empty
         self.embed_tokens = model.get_input_embeddings()
-        self.answer_type = {tokenizer.convert_tokens_to_ids(word): kind
-                            for kind, words in answer_words().items() for word in words}
+        self.answer_type = {
+            tokenizer.convert_tokens_to_ids(word): kind for kind, words in answer_words().items() for word in words
+        }
 
     def describe(self, scenes) -> torch.Tensor:
-        words = [[[] if o is None else [o["colour"], o["shape"], side_of(o["col"])]
-                  for o in image] for image in patch_objects(scenes, self.cfg)]
-        ids = torch.tensor([[self.tokenizer.convert_tokens_to_ids(w) if w else [-1] * 3 for w in image]
-                            for image in words])
+        words = [
+            [[] if o is None else [o["colour"], o["shape"], side_of(o["col"])] for o in image]
+            for image in patch_objects(scenes, self.cfg)
+        ]
+        ids = torch.tensor(
+            [[self.tokenizer.convert_tokens_to_ids(w) if w else [-1] * 3 for w in image] for image in words]
+        )
         present = (ids >= 0).unsqueeze(-1)
         described = (self.embed_tokens(ids.clamp(min=0)) * present).sum(2)
         return torch.where(present.any(2), described, self.empty)
@@ -196,9 +210,16 @@ def held_out_accuracy(scorer: SymbolicAnswers, batch) -> dict[str, float]:
     return {"overall": hits.float().mean().item(), **accuracy_by_type(hits, kinds)}
 
 
-def pretrain_base(out: str | Path = "runs/pretrain-base", records: int = 12000, vision_steps: int = 150,
-                  language_steps: int = 4500, batch_size: int = 32, seed: int = 1234,
-                  weights: Path = BASE_WEIGHTS, resume: bool = False) -> dict:
+def pretrain_base(
+    out: str | Path = "runs/pretrain-base",
+    records: int = 12000,
+    vision_steps: int = 150,
+    language_steps: int = 4500,
+    batch_size: int = 32,
+    seed: int = 1234,
+    weights: Path = BASE_WEIGHTS,
+    resume: bool = False,
+) -> dict:
     """Pre-train the tiny vision tower and language model; write the shipped base weights
     (every 100 language steps too). `resume` continues the language model from `weights`."""
     out = Path(out)

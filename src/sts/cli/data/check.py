@@ -5,7 +5,7 @@ Shared by `sts data check` (every bad record of a file, up front), training
 or None; `record_problem` puts the file, the record and its id in front:
 `data/train.json, record 17 (id 000017): 2 <image> placeholders but 1 image`. What shows only
 when a record is encoded (an unreadable image, a sample too long for `max_length`) is raised
-where it is encoded, in `sts.data.llava`.
+where it is encoded, in `sts.cli.data.llava`.
 """
 
 from __future__ import annotations
@@ -17,13 +17,14 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from sts.data.llava import IMAGE_PLACEHOLDER, DataError, RecordError, Records, image_paths, open_image, where
+from sts.cli.data.records import IMAGE_PLACEHOLDER, DataError, RecordError, Records, image_paths, open_image, where
 
 SPEAKERS = ("human", "gpt")  # in this order, alternating
 
 
-def record_problem(records: Records, number: int, images_dir: Path,
-                   image_problem: Callable[[str], str | None] | None = None) -> str | None:
+def record_problem(
+    records: Records, number: int, images_dir: Path, image_problem: Callable[[str], str | None] | None = None
+) -> str | None:
     """What is wrong with record `number`, as a message naming it, or None: the checks that decode
     no image, then `image_problem` (what is wrong with an image path) for each of its images."""
     try:
@@ -38,8 +39,11 @@ def record_problem(records: Records, number: int, images_dir: Path,
 
 def content_problem(record: dict, images_dir: Path) -> str | None:
     """The first thing wrong with a parsed record that shows without decoding its images."""
-    return (conversation_problem(record["conversations"]) or image_path_problem(record, images_dir)
-            or placeholder_problem(record))
+    return (
+        conversation_problem(record["conversations"])
+        or image_path_problem(record, images_dir)
+        or placeholder_problem(record)
+    )
 
 
 def conversation_problem(turns: list) -> str | None:
@@ -48,7 +52,7 @@ def conversation_problem(turns: list) -> str | None:
         return "'conversations' is empty"
     for k, turn in enumerate(turns):
         if not isinstance(turn, dict) or "from" not in turn or not isinstance(turn.get("value"), str):
-            return f"turn {k} is not {{\"from\": ..., \"value\": \"<text>\"}}"
+            return f'turn {k} is not {{"from": ..., "value": "<text>"}}'
         if turn["from"] not in SPEAKERS:
             return f"turn {k} is from {turn['from']!r}; expected 'human' or 'gpt'"
         if turn["from"] != SPEAKERS[k % 2]:
@@ -80,8 +84,9 @@ def image_path_problem(record: dict, images_dir: Path) -> str | None:
 def placeholder_problem(record: dict) -> str | None:
     """Each `<image>` placeholder needs an image; images without a placeholder are allowed only when no
     turn has one (`to_messages` then puts them all in the first user turn)."""
-    placeholders = sum(turn["value"].count(IMAGE_PLACEHOLDER) for turn in record["conversations"]
-                       if turn["from"] == "human")
+    placeholders = sum(
+        turn["value"].count(IMAGE_PLACEHOLDER) for turn in record["conversations"] if turn["from"] == "human"
+    )
     images = len(image_paths(record))
     if placeholders > images or 0 < placeholders < images:
         return f"{plural(placeholders, IMAGE_PLACEHOLDER + ' placeholder')} but {plural(images, 'image')}"
@@ -101,8 +106,9 @@ def unreadable_image(images_dir: Path, path: str) -> str | None:
     return None
 
 
-def problems(records: Records, images_dir: Path, count: int | None = None,
-             encode: Callable[[int], object] | None = None) -> Iterator[str]:
+def problems(
+    records: Records, images_dir: Path, count: int | None = None, encode: Callable[[int], object] | None = None
+) -> Iterator[str]:
     """One message per bad record among the first `count` (all by default), as they are checked:
     the checks that decode no image, each distinct image decoded once, then `encode(number)` if
     given (training's own encoding, which raises a DataError for a sample too long)."""
@@ -121,7 +127,7 @@ def problems(records: Records, images_dir: Path, count: int | None = None,
 def load_processor(model: str | None):
     """The processor of a local checkpoint folder, or the embedded tiny model's."""
     if model is None:
-        from sts.models.tiny import build_processor
+        from sts.cli.models.tiny import build_processor
 
         return build_processor()
     if not Path(model).is_dir():
