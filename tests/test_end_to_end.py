@@ -166,9 +166,8 @@ def test_a_stage_saves_checkpoints_and_resumes_from_one(synth_data, tmp_path):
     assert checkpoints == ["checkpoint-4", "checkpoint-6"], "every 2 steps, the newest two kept"
 
     resume = tmp_path / "instruct" / "checkpoint-4"
-    resumed = run_recipe(
-        load_recipe("demo", [*saving, f"stages.1.resume_from_checkpoint={resume}", "stages.1.save_steps=0"])
-    )
+    again = [*saving, f"output_dir={tmp_path / 'again'}", f"stages.1.resume_from_checkpoint={resume}"]
+    resumed = run_recipe(load_recipe("demo", [*again, "stages.1.save_steps=0"]))
     instruct = resumed["stages"][1]
     assert [step for _, step, _ in instruct["losses"]] == [5, 6], "steps 1-4 came from the checkpoint"
     from transformers import AutoModelForImageTextToText

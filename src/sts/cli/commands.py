@@ -64,7 +64,10 @@ def cmd_train(args) -> None:
         if stage.get("done_before"):
             print(f"  {stage['name']}: finished before this run (resume), kept")
         elif stage["dropped_steps"]:
-            print(f"  {stage['name']}: dropped step(s) {stage['dropped_steps']}, whose loss was not finite")
+            print(
+                f"  {stage['name']}: dropped step(s) {stage['dropped_steps']}, whose loss or gradient was not "
+                "finite (the warnings say which)"
+            )
     for path, count in result["skipped_records"].items():
         print(f"  {path}: skipped {count} bad record(s) (data.on_bad_sample: skip; the warnings name them)")
 
@@ -271,10 +274,39 @@ def main(argv: list[str] | None = None) -> int:
     from sts.cli.data.records import DataError
     from sts.cli.recipe_trainer import TrainingError
     from sts.cli.recipes import ConfigError
+    from sts.cli.runs import RunError
 
+    tracked = LineTracker(sys.stderr)
+    sys.stderr = tracked
     try:
-        status = args.run(args)
-    except (ConfigError, DataError, FileNotFoundError, UnsupportedModelError, TrainingError) as error:
-        print(f"sts: error: {error.headline if isinstance(error, DataError) else error}", file=sys.stderr)
+        return args.run(args) or 0
+    except (ConfigError, DataError, OSError, UnsupportedModelError, TrainingError, RunError) as error:
+        message = error.headline if isinstance(error, DataError) else str(error)
+        for bar in list(getattr(getattr(sys.modules.get("tqdm"), "tqdm", None), "_instances", [])):
+            bar.close()  # the progress bars the error interrupted
+        print(("" if tracked.at_line_start else "\n") + f"sts: error: {one_line(message)}", file=sys.stderr)
         return 2
-    return status or 0
+    finally:
+        sys.stderr = tracked.stream
+
+
+def one_line(message: str) -> str:
+    """The message on one line, whatever the user's data put in it."""
+    return message.replace("\r", "\\r").replace("\n", "\\n")
+
+
+class LineTracker:
+    """stderr, remembering whether what was last written to it ended a line (a progress bar ends
+    its updates with a carriage return), so that an error can start a line of its own."""
+
+    def __init__(self, stream):
+        self.stream = stream
+        self.at_line_start = True
+
+    def write(self, text: str) -> int:
+        if text:
+            self.at_line_start = text.endswith("\n")
+        return self.stream.write(text)
+
+    def __getattr__(self, name):
+        return getattr(self.stream, name)

@@ -286,6 +286,7 @@ def run_demo(
                     f"data.train={data['train']}",
                     f"stages.0.data.train={data['align']}",
                     f"output_dir={out / name / f'seed-{training_seed}'}",
+                    "overwrite=true",  # a demo run starts over
                     f"seed={training_seed}",
                     *overrides,
                 ],

@@ -8,10 +8,23 @@ from typing import Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from transformers.integrations import get_available_reporting_integrations
+from transformers.integrations.integration_utils import INTEGRATION_TO_CALLBACK
+from transformers.trainer_utils import SchedulerType
 
 from sts.config import LDSConfig, Strict, STSConfig, VTCConfig
 
 RECIPES_DIR = Path(__file__).resolve().parent / "configs"
+# transformers' schedulers that need neither scheduler arguments nor evaluation metrics
+SCHEDULERS = (
+    "linear",
+    "cosine",
+    "cosine_with_restarts",
+    "polynomial",
+    "constant",
+    "constant_with_warmup",
+    "inverse_sqrt",
+)
 
 
 class ConfigError(ValueError):
@@ -44,7 +57,8 @@ class PartsConfig(Strict):
 
 
 class DataConfig(Strict):
-    model_config = ConfigDict(extra="forbid", frozen=True)  # hashable: stages reading the same data share it
+    # hashable: stages reading the same data share it
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False, frozen=True)
 
     train: str
     images: str | None = Field(default=None, description="image folder; defaults to the JSON file's folder")
@@ -79,7 +93,7 @@ class StageConfig(Strict):
     gradient_accumulation_steps: int = Field(default=1, ge=1)
     warmup_ratio: float = Field(default=0.03, ge=0, lt=1)
     weight_decay: float = Field(default=0.0, ge=0)
-    lr_scheduler: str = "cosine"
+    lr_scheduler: str = Field(default="cosine", description="a transformers scheduler (SchedulerType)")
     logging_steps: int = Field(default=10, ge=1)
     gradient_checkpointing: bool = False
     bf16: bool = False
@@ -102,6 +116,30 @@ class StageConfig(Strict):
     )
     vtc: VTCConfig | None = Field(default=None, description="this stage's own compressor; wins over the recipe's")
     lds: LDSConfig | None = Field(default=None, description="this stage's own skipper; wins over the recipe's")
+
+    @field_validator("lr_scheduler")
+    @classmethod
+    def usable_scheduler(cls, name: str) -> str:
+        if name not in SCHEDULERS:
+            known = "is" if name in {kind.value for kind in SchedulerType} else "is not"
+            raise ValueError(
+                f"{name!r} {known} a transformers scheduler, but not one sts train can drive (it "
+                f"gives no scheduler arguments and evaluates nothing); choose one of {', '.join(SCHEDULERS)}"
+            )
+        return name
+
+    @field_validator("report_to")
+    @classmethod
+    def known_loggers(cls, names: list[str]) -> list[str]:
+        for name in names:
+            if name not in ("none", "all", *INTEGRATION_TO_CALLBACK):
+                raise ValueError(
+                    f"{name!r} is not a logger transformers knows; choose from none, all, "
+                    f"{', '.join(INTEGRATION_TO_CALLBACK)}"
+                )
+            if name not in ("none", "all") and name not in get_available_reporting_integrations():
+                raise ValueError(f"{name!r} is a logger whose package is not installed here")
+        return names
 
     @field_validator("train")
     @classmethod
@@ -147,7 +185,11 @@ class RecipeConfig(Strict):
     resume: bool = Field(
         default=False,
         description="continue an interrupted run in output_dir: finished stages "
-        "are kept, the unfinished one goes on from its newest checkpoint (stages.N.save_steps)",
+        "are kept, the unfinished one goes on from its newest checkpoint (stages.N.save_steps); only a run "
+        "with the same fingerprint (sts.cli.runs) is continued",
+    )
+    overwrite: bool = Field(
+        default=False, description="delete the recipe's stage folders in output_dir (another run's work) and start over"
     )
     distributed: Literal["ddp", "fsdp", "zero2", "zero3"] = Field(
         default="ddp",
@@ -166,6 +208,19 @@ class RecipeConfig(Strict):
         if len(set(names)) != len(names):
             raise ValueError(f"stage names must be unique (each names its output folder), got {names}")
         return stages
+
+    @field_validator("deepspeed_config")
+    @classmethod
+    def a_file(cls, path: str | None) -> str | None:
+        if path is not None and not Path(path).is_file():
+            raise ValueError(f"no DeepSpeed config file at {path}")
+        return path
+
+    @model_validator(mode="after")
+    def resume_or_overwrite(self) -> RecipeConfig:
+        if self.resume and self.overwrite:
+            raise ValueError("resume=true continues the run in output_dir and overwrite=true deletes it: choose one")
+        return self
 
     @model_validator(mode="after")
     def skipping_steps_needs_our_optimizer(self) -> RecipeConfig:
@@ -197,10 +252,11 @@ def apply_override(tree: dict, assignment: str) -> None:
     node = tree
     for part in parents:
         node = node[int(part)] if isinstance(node, list) else node.setdefault(part, {})
+    value = yaml.safe_load(raw)
     if isinstance(node, list):
-        node[int(leaf)] = yaml.safe_load(raw)
+        node[int(leaf)] = value
     else:
-        node[leaf] = yaml.safe_load(raw)
+        node[leaf] = value
 
 
 def resolve_recipe_path(name_or_path: str) -> Path:
@@ -215,12 +271,27 @@ def resolve_recipe_path(name_or_path: str) -> Path:
     raise ConfigError(f"no config file {name_or_path!r} and no shipped recipe of that name (shipped: {known})")
 
 
+def yaml_problem(error: yaml.YAMLError) -> str:
+    """A YAML error in one line: what, and where (line and column of the text read)."""
+    problem = getattr(error, "problem", None) or str(error).splitlines()[0]
+    mark = getattr(error, "problem_mark", None)
+    return f"{problem} (line {mark.line + 1}, column {mark.column + 1})" if mark else problem
+
+
 def load_recipe(name_or_path: str, overrides: list[str] = ()) -> RecipeConfig:
-    tree = yaml.safe_load(resolve_recipe_path(name_or_path).read_text()) or {}
+    path = resolve_recipe_path(name_or_path)
+    try:
+        tree = yaml.safe_load(path.read_text()) or {}
+    except (OSError, UnicodeDecodeError) as error:
+        raise ConfigError(f"recipe {path} cannot be read ({getattr(error, 'strerror', None) or error})") from None
+    except yaml.YAMLError as error:  # plain YAML only: a !!python tag is refused here, never run
+        raise ConfigError(f"recipe {path} is not valid YAML: {yaml_problem(error)}") from None
     for assignment in overrides:
         try:
             apply_override(tree, assignment)
-        except (IndexError, ValueError, TypeError) as error:
+        except yaml.YAMLError as error:
+            raise ConfigError(f"override {assignment!r}: its value is not valid YAML: {yaml_problem(error)}") from None
+        except (IndexError, ValueError, TypeError, AttributeError) as error:
             raise ConfigError(f"override {assignment!r} does not fit the config: {error}") from None
     return parse(RecipeConfig, tree)
 

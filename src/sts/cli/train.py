@@ -9,7 +9,6 @@ from __future__ import annotations
 import contextlib
 import importlib.util
 import logging
-import shutil
 import time
 from pathlib import Path
 
@@ -24,11 +23,12 @@ from sts.callback import STSCallback
 from sts.cli.checkpoints import load_model, load_model_and_processor
 from sts.cli.data.collate import Collator
 from sts.cli.data.dataset import LlavaDataset
-from sts.cli.distributed import is_main, world_size
+from sts.cli.distributed import world_size
 from sts.cli.meters import PeakMemory, StepMeter
 from sts.cli.models import tiny
-from sts.cli.recipe_trainer import STAGING, RecipeTrainer
+from sts.cli.recipe_trainer import RecipeTrainer
 from sts.cli.recipes import ConfigError, RecipeConfig, StageConfig
+from sts.cli.runs import check_room, fingerprints, prepare_output, settle
 from sts.config import STSConfig
 from sts.lds import can_skip
 from sts.patch import apply_sts, remove_sts
@@ -116,7 +116,8 @@ def checkpoint_to_resume(stage: StageConfig, output_dir: Path, resuming_run: boo
     if stage.resume_from_checkpoint not in (None, "latest"):
         folder = Path(stage.resume_from_checkpoint)
     elif stage.resume_from_checkpoint == "latest" or resuming_run:
-        saved = sorted(output_dir.glob("checkpoint-*"), key=lambda path: int(path.name.split("-")[1]))
+        numbered = [path for path in output_dir.glob("checkpoint-*") if path.name.split("-", 1)[1].isdigit()]
+        saved = sorted(numbered, key=lambda path: int(path.name.split("-", 1)[1]))
         if not saved and resuming_run:
             return None
         folder = saved[-1] if saved else output_dir / "checkpoint-<none>"
@@ -138,6 +139,7 @@ def run_stage(
     distributed: str = "ddp",
     deepspeed_config: str | None = None,
     resuming_run: bool = False,
+    fingerprint: dict | None = None,
 ) -> dict:
     """Train one stage; STS is always attached (an empty config enables nothing) so that every
     stage, baseline included, is metered the same way. A resumed stage starts from its
@@ -145,12 +147,12 @@ def run_stage(
     conversion LLaVA-style checkpoints need, so its own reload finds no key and changes nothing)
     and the Trainer restores the optimizer, schedule, step and data order. In a run of several
     processes, rank 0 saves the model (gathered whole from FSDP or ZeRO-3 shards) and the others
-    wait for it, so the next stage can load it."""
+    wait for it, so the next stage can load it. `fingerprint` (sts.cli.runs) is recorded beside
+    what the stage publishes."""
+    settle(output_dir)  # what a killed run left half-published or half-written
     resume = checkpoint_to_resume(stage, output_dir, resuming_run)
     if resume is not None:
         model = load_model(resume)
-    if is_main():
-        shutil.rmtree(output_dir / STAGING, ignore_errors=True)  # what a killed run left half-written
     parts = stage.train.model_dump()
     get_adapter(model).set_trainable(parts)
     sts = sts or STSConfig()
@@ -164,6 +166,7 @@ def run_stage(
         stage_name=stage.name,
         on_nonfinite_loss=stage.on_nonfinite_loss,
         group_by_length=stage.group_by_length,
+        fingerprint=fingerprint,
         model=model,
         args=training_arguments(stage, output_dir, seed, **engine),
         train_dataset=dataset,
@@ -197,10 +200,14 @@ def run_stage(
 
 
 def run_recipe(cfg: RecipeConfig) -> dict:
-    """Train every stage in order; return per-stage figures and the final model's folder."""
+    """Train every stage in order; return per-stage figures and the final model's folder. An
+    output folder the run may not use is refused before any work (sts.cli.runs)."""
     set_seed(cfg.seed)
     output_dir = Path(cfg.output_dir)
+    prints = fingerprints(cfg)
+    prepare_output(cfg, prints)
     model, processor = initial_model(cfg)
+    check_room(cfg.output_dir, model, checkpoints=any(stage.save_steps for stage in cfg.stages))
     datasets = {}  # stages that read the same data share one encoding of it
     for data in map(cfg.data_for, cfg.stages):
         if data not in datasets:
@@ -230,6 +237,7 @@ def run_recipe(cfg: RecipeConfig) -> dict:
                 cfg.distributed,
                 cfg.deepspeed_config,
                 cfg.resume,
+                prints[index],
             )
         )
     return {

@@ -17,7 +17,16 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from sts.cli.data.records import IMAGE_PLACEHOLDER, DataError, RecordError, Records, image_paths, open_image, where
+from sts.cli.data.records import (
+    IMAGE_PLACEHOLDER,
+    DataError,
+    RecordError,
+    Records,
+    image_paths,
+    open_image,
+    shown,
+    where,
+)
 
 SPEAKERS = ("human", "gpt")  # in this order, alternating
 
@@ -73,11 +82,11 @@ def image_path_problem(record: dict, images_dir: Path) -> str | None:
         return "'image' is neither a path nor a list of paths"
     for path in image_paths(record):
         if Path(path).is_absolute():
-            return f"image path {path} is absolute; it must be relative to the image folder {images_dir}"
+            return f"image path {shown(path)} is absolute; it must be relative to the image folder {images_dir}"
         if Path(os.path.normpath(path)).parts[:1] == ("..",):
-            return f"image path {path} leaves the image folder {images_dir}"
+            return f"image path {shown(path)} leaves the image folder {images_dir}"
         if not (images_dir / path).is_file():
-            return f"image {path} not found in {images_dir}"
+            return f"image {shown(path)} not found in {images_dir}"
     return None
 
 

@@ -35,10 +35,16 @@ class RecordError(ValueError):
     it as a DataError naming the file and the record (see `located`)."""
 
 
+def shown(value) -> str:
+    """A value from the user's data in a message: as it is when it is one printable line of text,
+    else by repr (so that a newline in an id cannot split a one-line error or forge another)."""
+    return value if isinstance(value, str) and value.isprintable() else repr(value)
+
+
 def where(path: Path, number: int, record: dict | None = None) -> str:
     """`data/train.json, record 17 (id 000017)`: how every message about a record starts."""
     named = isinstance(record, dict) and "id" in record
-    return f"{path}, record {number}" + (f" (id {record['id']})" if named else "")
+    return f"{path}, record {number}" + (f" (id {shown(record['id'])})" if named else "")
 
 
 @contextmanager
@@ -62,7 +68,7 @@ def open_image(images_dir: Path, relative: str) -> Image.Image:
         with Image.open(images_dir / relative) as image:
             return image.convert("RGB")
     except (OSError, SyntaxError, Image.DecompressionBombError) as error:
-        raise RecordError(f"image {relative} cannot be read ({error})") from None
+        raise RecordError(f"image {shown(relative)} cannot be read ({error})") from None
 
 
 STRUCTURE = re.compile(rb'[{}"\\]')  # the only bytes that decide where a JSON object starts and ends
@@ -181,6 +187,10 @@ class Records:
                 f"{where(self.path, index)}: not valid JSON ({error.msg}, line {error.lineno} "
                 f"column {error.colno} of the record)"
             ) from None
+        except ValueError as error:  # an integer of thousands of digits
+            raise DataError(f"{where(self.path, index)}: cannot be read ({str(error).split(';')[0]})") from None
+        except RecursionError:
+            raise DataError(f"{where(self.path, index)}: cannot be read (nested too deeply)") from None
         if not isinstance(record.get("conversations"), list):
             raise DataError(f"{where(self.path, index, record)}: no 'conversations' list")
         return record
