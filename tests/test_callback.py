@@ -50,6 +50,9 @@ def test_a_plain_trainer_with_the_callback_runs_the_schedule(synth_data, process
     assert any(a != b for a, b in pairs), "the micro-batches of a step draw their own skips"
     logged = [line for line in trainer.state.log_history if "loss" in line]
     assert len(logged) == 8 and all(line["sts/lm_seq_len"] < line["sts/input_seq_len"] for line in logged)
+    # Each line covers its window: one step of two micro-batches of four samples.
+    assert all(line["sts/forwards"] == 2 and line["sts/samples"] == 8 for line in logged)
+    assert all(line["sts/visual_tokens_kept"] < line["sts/visual_tokens_in"] for line in logged)
 
 
 def test_a_resumed_run_resumes_the_schedule():
@@ -137,3 +140,57 @@ def test_the_callback_warns_when_report_to_loggers_would_miss_its_stats(caplog):
     trainer = type("Trainer", (), {"callback_handler": type("Handler", (), {"callbacks": [sts.STSCallback()]})()})()
     sts.STSCallback.add_to(trainer).on_train_begin(args, None, None)
     assert "add_to" not in caplog.text and len(trainer.callback_handler.callbacks) == 1
+
+
+def batch_of(synth_data, processor, size: int = 2) -> dict:
+    dataset = LlavaDataset(synth_data["train"], processor)
+    return Collator(processor.tokenizer.pad_token_id)([dataset[i] for i in range(size)])
+
+
+def test_a_peft_model_takes_sts_on_the_model_it_wraps(synth_data, processor):
+    from peft import LoraConfig, get_peft_model
+
+    model = build_model(TEST_SIZES, seed=0, base=False)
+    lora = get_peft_model(model, LoraConfig(r=4, target_modules=r".*language_model.*\.(q|v)_proj"))
+    assert sts.apply_sts(lora, {"vtc": {"strategy": "pool", "keep_ratio": 0.25}}) is lora
+    lora.train()
+    sts.set_progress(lora, 0, 10)
+    lora(**batch_of(synth_data, processor)).loss.backward()
+    stats = sts.step_stats(lora)
+    assert stats["lm_seq_len"] < stats["input_seq_len"], "the compressor cut the wrapped model's sequence"
+    assert any(p.grad is not None for n, p in lora.named_parameters() if "lora_" in n)
+    sts.remove_sts(lora)
+    assert "forward" not in vars(model), "the wrapped model is untouched again"
+
+
+def test_training_that_never_reports_progress_warns_once(synth_data, processor):
+    import warnings
+
+    batch = batch_of(synth_data, processor)
+    model = sts.apply_sts(build_model(TEST_SIZES, seed=0, base=False), {"lds": {}})
+    model.train()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for _ in range(4):
+            model(**batch)
+    assert [str(w.message) for w in caught if "without progress" in str(w.message)] == [
+        "sts: training runs without progress (no sts.STSCallback in the Trainer, no sts.set_progress in the loop): "
+        "the skipper stays at its peak rate and the compressor's schedules never move"
+    ]
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for step in range(4):
+            sts.set_progress(model, step, 4)
+            model(**batch)
+    assert not [w for w in caught if "without progress" in str(w.message)]
+
+
+def test_image_tokens_without_pixels_name_the_cause(synth_data, processor):
+    import pytest
+
+    batch = batch_of(synth_data, processor)
+    del batch["pixel_values"]
+    model = sts.apply_sts(build_model(TEST_SIZES, seed=0, base=False), {"vtc": {"strategy": "uniform"}})
+    model.train()
+    with pytest.raises(ValueError, match="holds 128 image tokens but the model computed no image features: pass"):
+        model(**batch)

@@ -16,7 +16,7 @@ def run_python(code: str) -> subprocess.CompletedProcess:
 def test_importing_the_method_loads_no_runner_module_and_no_plotting():
     result = run_python(
         "import sys, sts\n"
-        "print(sorted(sts.__all__))\n"
+        "print(sorted(name for name in sts.__all__ if getattr(sts, name)))  # the whole API, loaded\n"
         "print(sorted(m for m in sys.modules if m == 'sts.cli' or m.startswith('sts.cli.') or m == 'matplotlib'))"
     )
     assert result.returncode == 0, result.stderr
@@ -47,3 +47,15 @@ def test_the_command_without_its_extra_says_what_to_install_in_one_line(tmp_path
         "sts: error: the sts command needs its cli extra (missing: matplotlib); pip install 'sts-mllm[cli]'"
     ]
     assert not (tmp_path / "demo").exists()  # refused before any work
+
+
+def test_a_config_error_is_said_before_torch_or_transformers_is_imported():
+    """What keeps the command's answer to a wrong recipe fast (benchmarks/cli_start.py measures it)."""
+    result = run_python(
+        "import sys\n"
+        "from sts.cli import main\n"
+        "status = main(['train', 'demo', 'stages.0.learning_rat=1e-3'])\n"
+        "print(status, sorted(m for m in ('torch', 'transformers') if m in sys.modules))"
+    )
+    assert result.stdout.strip() == "2 []"
+    assert result.stderr.strip().startswith("sts: error: config error at stages.0.learning_rat")

@@ -220,8 +220,8 @@ def write_recipe(tmp_path, text: str) -> str:
 @pytest.mark.parametrize(
     ("overrides", "expected"),
     [
-        (["stages.0.lr_scheduler=bogus"], "at stages.0.lr_scheduler: 'bogus' is not a transformers scheduler"),
-        (["stages.0.lr_scheduler=cosine_with_min_lr"], "'cosine_with_min_lr' is a transformers scheduler, but not"),
+        (["stages.0.lr_scheduler=bogus"], "at stages.0.lr_scheduler: 'bogus' is not a scheduler sts train can"),
+        (["stages.0.lr_scheduler=cosine_with_min_lr"], "'cosine_with_min_lr' is not a scheduler sts train can"),
         (["stages.0.report_to=[bogus]"], "at stages.0.report_to: 'bogus' is not a logger transformers knows"),
         (["stages.0.learning_rate=["], "override 'stages.0.learning_rate=[': its value is not valid YAML"),
         (["stages.0.learning_rate=inf"], "at stages.0.learning_rate: Input should be a finite number"),

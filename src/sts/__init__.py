@@ -1,16 +1,31 @@
-"""sts: the Sparse Training Scheme for multimodal LLMs."""
+"""sts: the Sparse Training Scheme for multimodal LLMs.
 
-from sts.callback import STSCallback
-from sts.config import LDSConfig, STSConfig, VTCConfig
-from sts.patch import apply_sts, remove_sts, set_progress, step_stats
+The API is imported when first used, so that `import sts` (and the `sts` command's start) does not
+pay for transformers' Trainer until `STSCallback` is asked for.
+"""
 
-__all__ = [
-    "LDSConfig",
-    "STSCallback",
-    "STSConfig",
-    "VTCConfig",
-    "apply_sts",
-    "remove_sts",
-    "set_progress",
-    "step_stats",
-]
+import importlib
+
+API = {
+    "LDSConfig": "sts.config",
+    "STSCallback": "sts.callback",
+    "STSConfig": "sts.config",
+    "VTCConfig": "sts.config",
+    "apply_sts": "sts.patch",
+    "remove_sts": "sts.patch",
+    "set_progress": "sts.patch",
+    "step_stats": "sts.patch",
+}
+__all__ = sorted(API)
+
+
+def __getattr__(name: str):
+    if name not in API:
+        raise AttributeError(f"module 'sts' has no attribute {name!r}")
+    value = getattr(importlib.import_module(API[name]), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *API})

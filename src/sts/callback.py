@@ -4,8 +4,10 @@ with one line beside `apply_sts`.
 It moves STS's schedule with the Trainer's optimizer steps, so the skipper fades and the
 compressor's schedules advance as the run does; a resumed run restores its global step, and
 with it the schedule. Gradient accumulation needs nothing: micro-batches of one optimizer step
-share its progress and draw their own skips. What STS did in the last step goes into every
-training log line (`sts/...`), in the Trainer's log history and to every callback after this one.
+share its progress and draw their own skips. What STS did since the last log line goes into every
+training log line (`sts/...`: sums of samples, images and visual tokens in and kept, means per
+forward of sequence lengths and skipped layers, the running skip rate), in the Trainer's log
+history and to every callback after this one.
 transformers puts `report_to`'s loggers (TensorBoard, W&B) ahead of the callbacks passed to the
 Trainer, so `STSCallback.add_to(trainer)` is the way to have them record STS's stats too.
 A step that ran without STS's forward (something wrapped the model after `apply_sts`, as TRL's
@@ -17,7 +19,7 @@ from __future__ import annotations
 from transformers import TrainerCallback
 from transformers.utils import logging
 
-from sts.patch import set_progress, state_of, step_stats
+from sts.patch import set_progress, state_of, window_stats
 
 logger = logging.get_logger(__name__)
 
@@ -57,9 +59,7 @@ class STSCallback(TrainerCallback):
     def on_log(self, args, state, control, logs=None, model=None, **kwargs):
         if not logs or "loss" not in logs:
             return
-        stats = {
-            f"sts/{key}": len(value) if isinstance(value, list) else value for key, value in step_stats(model).items()
-        }
+        stats = {f"sts/{key}": value for key, value in window_stats(model).items()}
         logs.update(stats)
         if state.log_history and state.log_history[-1].get("loss") == logs["loss"]:
             state.log_history[-1].update(stats)  # the Trainer stored this line before calling back

@@ -160,6 +160,11 @@ def cut_batch(
             owners[row, candidates] = torch.where(live, firsts[groups.clamp(min=0)], -1)
             kept_visual += len(positions) - len(candidates) + len(firsts)
             unit_index += 1
+        if len(slots) and not features.get(modality.name):
+            raise ValueError(
+                f"sts: the batch holds {len(slots)} {modality.name} tokens but the model computed no "
+                f"{modality.name} features: pass the {modality.name}s' pixel inputs (e.g. pixel_values) with them"
+            )
         if offset != len(slots):
             raise ValueError(
                 f"sts: the {modality.name} units cover {offset} of the batch's {len(slots)} "

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import warnings
 from collections import deque
 
 import torch
@@ -39,6 +40,7 @@ class STSState:
         self.layer_draws, self.layers_skipped = 0, 0  # for the running skip rate
         # Stats of every training forward since the last drain; bounded, for loops that never drain.
         self.history: deque[dict] = deque(maxlen=4096)
+        self.window = Window()  # what the forwards since the last logged line did
 
     @property
     def progress(self) -> float:
@@ -66,8 +68,37 @@ class STSState:
         return seeded_coin(self.cfg.seed, self.step, FULL_TOKENS_DRAW) >= vtc.full_tokens_random_fraction
 
 
+class Window:
+    """Sums over the training forwards of a logging window (its micro-batches and steps)."""
+
+    COUNTS = ("samples", "images", "visual_tokens_in", "visual_tokens_kept")
+    MEANS = ("input_seq_len", "lm_seq_len", "skipped_layers")  # per forward
+
+    def __init__(self):
+        self.forwards = 0
+        self.sums = dict.fromkeys(self.COUNTS + self.MEANS, 0)
+
+    def add(self, stats: dict) -> None:
+        self.forwards += 1
+        values = {**stats, "samples": stats["batch_size"], "skipped_layers": len(stats["skipped_layers"])}
+        for key in self.sums:
+            self.sums[key] += values[key]
+
+    def summary(self) -> dict:
+        means = {key: self.sums[key] / max(self.forwards, 1) for key in self.MEANS}
+        return {"forwards": self.forwards, **{key: self.sums[key] for key in self.COUNTS}, **means}
+
+
+def base_model(model):
+    """The transformers model itself, under a wrapper that calls it (peft's PeftModel)."""
+    get_base_model = getattr(model, "get_base_model", None)
+    return get_base_model() if callable(get_base_model) else model
+
+
 def apply_sts(model, cfg: STSConfig | dict):
-    """Patch `model` in place for sparse training and return it."""
+    """Patch `model` in place for sparse training and return it; a peft model gets STS on the
+    transformers model it wraps (a skipped layer skips its adapters too)."""
+    wrapper, model = model, base_model(model)
     cfg = cfg if isinstance(cfg, STSConfig) else STSConfig(**cfg)
     attention = model.config.get_text_config()._attn_implementation
     if cfg.vtc and cfg.vtc.proportional_attention and attention not in ("eager", "sdpa"):
@@ -116,27 +147,35 @@ def apply_sts(model, cfg: STSConfig | dict):
                 kwargs["use_cache"] = False
             output = state.original_forward(**kwargs)
         state.micro_batch += 1
+        if state.micro_batch == 2 and state.total == 0 and (cfg.vtc or cfg.lds):
+            warnings.warn(
+                "sts: training runs without progress (no sts.STSCallback in the Trainer, no sts.set_progress in "
+                "the loop): the skipper stays at its peak rate and the compressor's schedules never move",
+                stacklevel=2,
+            )
         state.stats["images"] = sum(len(f) for f in features.values())
         state.history.append(dict(state.stats))
+        state.window.add(state.stats)
         if compressing and labels is not None and not fused:
             output = with_loss(model, output, cut.result.pick(labels, IGNORE_INDEX), kwargs)
         return output
 
     model.forward = forward
-    return model
+    return wrapper
 
 
 def remove_sts(model):
     """Undo apply_sts: the model is the untouched model again."""
+    wrapper, model = model, base_model(model)
     state = getattr(model, STATE, None)
     if state is not None:
         del model.forward
         delattr(model, STATE)
-    return model
+    return wrapper
 
 
 def state_of(model) -> STSState:
-    state = getattr(model, STATE, None)
+    state = getattr(base_model(model), STATE, None)
     if state is None:
         raise ValueError("this model has no STS attached; call sts.apply_sts(model, config) first")
     return state
@@ -153,6 +192,14 @@ def set_progress(model, step: int, total: int) -> None:
 def step_stats(model) -> dict:
     """What the last training forward did."""
     return dict(state_of(model).stats)
+
+
+def window_stats(model) -> dict:
+    """Sums and per-forward means over the training forwards since the last call (a log line's
+    window), and the running skip rate."""
+    state = state_of(model)
+    summary, state.window = state.window.summary(), Window()
+    return {**summary, "skip_rate": state.stats.get("skip_rate", 0.0)}
 
 
 def drain_stats(model) -> list[dict]:

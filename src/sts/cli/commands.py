@@ -52,10 +52,12 @@ def cmd_data_check(args) -> int:
 def cmd_train(args) -> None:
     from sts.cli.distributed import is_main, label_logs_with_rank
     from sts.cli.recipes import load_recipe
+
+    recipe = load_recipe(args.config, args.overrides)  # a wrong one is refused before training's imports
     from sts.cli.train import run_recipe
 
     label_logs_with_rank()
-    result = run_recipe(load_recipe(args.config, args.overrides))
+    result = run_recipe(recipe)
     if not is_main():
         return
     trained = [stage for stage in result["stages"] if not stage.get("done_before")]
@@ -270,24 +272,41 @@ def main(argv: list[str] | None = None) -> int:
             file=sys.stderr,
         )
         return 2
-    from sts.adapters import UnsupportedModelError
-    from sts.cli.data.records import DataError
-    from sts.cli.recipe_trainer import TrainingError
-    from sts.cli.recipes import ConfigError
-    from sts.cli.runs import RunError
-
     tracked = LineTracker(sys.stderr)
     sys.stderr = tracked
     try:
         return args.run(args) or 0
-    except (ConfigError, DataError, OSError, UnsupportedModelError, TrainingError, RunError) as error:
-        message = error.headline if isinstance(error, DataError) else str(error)
+    except Exception as error:
+        if not caused_by_the_user(error):
+            raise
+        message = getattr(error, "headline", str(error))
         for bar in list(getattr(getattr(sys.modules.get("tqdm"), "tqdm", None), "_instances", [])):
             bar.close()  # the progress bars the error interrupted
         print(("" if tracked.at_line_start else "\n") + f"sts: error: {one_line(message)}", file=sys.stderr)
         return 2
     finally:
         sys.stderr = tracked.stream
+
+
+# The errors a user can cause, said in one line, by the module that defines them. Only a module
+# already loaded can have raised its own, so the command's start imports none of them.
+USER_ERRORS = {
+    "sts.adapters": ("UnsupportedModelError",),
+    "sts.cli.data.records": ("DataError",),
+    "sts.cli.recipes": ("ConfigError",),
+    "sts.cli.runs": ("RunError", "TrainingError"),
+}
+
+
+def caused_by_the_user(error: Exception) -> bool:
+    """An OS error (a path, a disk) or one of sts's own errors above."""
+    kinds = [
+        getattr(sys.modules[module], name)
+        for module, names in USER_ERRORS.items()
+        if module in sys.modules
+        for name in names
+    ]
+    return isinstance(error, (OSError, *kinds))
 
 
 def one_line(message: str) -> str:

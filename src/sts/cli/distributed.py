@@ -11,8 +11,6 @@ from __future__ import annotations
 import logging
 import os
 
-from transformers.utils import logging as hf_logging
-
 
 def rank() -> int:
     return int(os.environ.get("RANK", 0))
@@ -30,6 +28,8 @@ def label_logs_with_rank() -> None:
     """In a run of several processes, start each log line with the rank that wrote it."""
     if world_size() == 1:
         return
+    from transformers.utils import logging as hf_logging
+
     layout = f"[rank {rank()}] %(levelname)s %(name)s: %(message)s"
     logging.basicConfig(format=layout)  # sts's own loggers
     for handler in hf_logging.get_logger().handlers:  # transformers' loggers do not propagate

@@ -27,13 +27,9 @@ from transformers import Trainer, TrainerCallback
 from transformers.trainer_pt_utils import LengthGroupedSampler
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
 
-from sts.cli.runs import STAGING, RunError, replace_folder, write_fingerprint
+from sts.cli.runs import STAGING, RunError, TrainingError, replace_folder, write_fingerprint
 
 logger = logging.getLogger("sts.train")
-
-
-class TrainingError(RuntimeError):
-    """A run that cannot go on; the message names the stage and step."""
 
 
 def distributed() -> bool:

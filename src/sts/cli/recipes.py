@@ -8,9 +8,6 @@ from typing import Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
-from transformers.integrations import get_available_reporting_integrations
-from transformers.integrations.integration_utils import INTEGRATION_TO_CALLBACK
-from transformers.trainer_utils import SchedulerType
 
 from sts.config import LDSConfig, Strict, STSConfig, VTCConfig
 
@@ -121,16 +118,20 @@ class StageConfig(Strict):
     @classmethod
     def usable_scheduler(cls, name: str) -> str:
         if name not in SCHEDULERS:
-            known = "is" if name in {kind.value for kind in SchedulerType} else "is not"
             raise ValueError(
-                f"{name!r} {known} a transformers scheduler, but not one sts train can drive (it "
-                f"gives no scheduler arguments and evaluates nothing); choose one of {', '.join(SCHEDULERS)}"
+                f"{name!r} is not a scheduler sts train can drive (sts train gives a scheduler no "
+                f"arguments and evaluates nothing); choose one of {', '.join(SCHEDULERS)}"
             )
         return name
 
     @field_validator("report_to")
     @classmethod
     def known_loggers(cls, names: list[str]) -> list[str]:
+        if set(names) <= {"none"}:
+            return names
+        from transformers.integrations import get_available_reporting_integrations
+        from transformers.integrations.integration_utils import INTEGRATION_TO_CALLBACK
+
         for name in names:
             if name not in ("none", "all", *INTEGRATION_TO_CALLBACK):
                 raise ValueError(

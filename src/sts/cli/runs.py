@@ -47,6 +47,10 @@ class RunError(RuntimeError):
     """An output folder a run cannot use as it is; the message names it and says what to do."""
 
 
+class TrainingError(RuntimeError):
+    """A run that cannot go on; the message names the stage and step."""
+
+
 def file_digest(path: Path) -> str:
     """A content digest of a file, read in chunks."""
     digest = hashlib.blake2b(digest_size=16)
