@@ -80,3 +80,25 @@ def test_deepstack_features_are_cut_with_the_tokens(tmp_path):
                 weights = torch.linalg.lstsq(old_embeds.T, embed[:, None]).solution.flatten()
                 sources = weights.abs() > 1e-3
                 assert torch.allclose(new[row], old[sources].mean(0), atol=1e-5), (strategy, layer, row)
+
+
+def test_a_processor_that_needs_a_missing_package_is_one_line(synth_data, tmp_path, capsys):
+    """A real Qwen2.5-VL checkpoint's processor loads its video processor, which needs torchvision."""
+    import importlib.util
+    import json
+
+    from sts.cli import main
+
+    if importlib.util.find_spec("torchvision") is not None:
+        pytest.skip("torchvision is installed here")
+    folder = save_tiny("Qwen2_5_VLForConditionalGeneration", tmp_path / "qwen")
+    config = json.loads((folder / "processor_config.json").read_text())
+    config["processor_class"] = "Qwen2_5_VLProcessor"  # as a real checkpoint names it
+    config["video_processor"] = {"video_processor_type": "Qwen2VLVideoProcessor"}
+    (folder / "processor_config.json").write_text(json.dumps(config))
+    data = [f"data.train={synth_data['train']}", f"stages.0.data.train={synth_data['align']}"]
+    assert main(["train", "qwen2.5-vl", f"model.path={folder}", *data, f"output_dir={tmp_path / 'run'}"]) == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        f"sts: error: model.path: {folder}: Qwen2VLVideoProcessor requires the Torchvision library, which is not "
+        "installed here; install it (torchvision: the build that matches your torch)"
+    )

@@ -15,7 +15,16 @@ from sts.cli.recipes import ConfigError
 def load_model_and_processor(path: str | Path, trust_remote_code: bool = False):
     """A local checkpoint folder; sts never downloads weights, and reads them only from
     safetensors (a pickled .bin file can run code when loaded)."""
-    return load_model(path, trust_remote_code), AutoProcessor.from_pretrained(path, trust_remote_code=trust_remote_code)
+    model = load_model(path, trust_remote_code)
+    try:
+        processor = AutoProcessor.from_pretrained(path, trust_remote_code=trust_remote_code)
+    except ImportError as error:  # e.g. the Qwen-VL and OneVision video processors need torchvision
+        needs = str(error).split(" but ")[0].strip()
+        raise ConfigError(
+            f"model.path: {path}: {needs}, which is not installed here; install it (torchvision: the build "
+            "that matches your torch)"
+        ) from None
+    return model, processor
 
 
 def load_model(path: str | Path, trust_remote_code: bool = False):
