@@ -16,6 +16,7 @@ from sts.cli import main
 from sts.cli.data.collate import Collator
 from sts.cli.data.render import encode
 from sts.cli.models.families import save_tiny
+from sts.compat import returns_tuple
 from sts.cut import IGNORE_INDEX
 from sts.patch import capture_features
 from sts.vtc import STRATEGIES
@@ -199,9 +200,13 @@ def test_skipping_a_layer_is_running_it_as_an_identity(family):
     layers = get_adapter(model).num_layers
     k = 1  # Qwen3-VL's tiny model adds DeepStack features after layers 0 and 1
     reference = copy.deepcopy(model)
-    get_adapter(reference).decoder_layers()[k].register_forward_hook(
-        lambda module, args, kwargs, output: args[0] if args else kwargs["hidden_states"], with_kwargs=True
-    )
+    layer = get_adapter(reference).decoder_layers()[k]
+
+    def identity(module, args, kwargs, output):
+        hidden_states = args[0] if args else kwargs["hidden_states"]
+        return (hidden_states,) if returns_tuple(module) else hidden_states
+
+    layer.register_forward_hook(identity, with_kwargs=True)
     expected = reference(**batch).loss
     sts.apply_sts(model, {"lds": {"alpha": 1.0, "epsilon": 0.0, "protect_first": k, "protect_last": layers - k - 1}})
     sts.set_progress(model, 0, 10)

@@ -10,6 +10,7 @@ import sts
 from sts.cli.data.collate import Collator
 from sts.cli.data.dataset import LlavaDataset
 from sts.cli.models.tiny import build_model
+from sts.compat import enable_activation_checkpointing
 from sts.config import LDSConfig
 from sts.lds import draw_skips, skip_probability
 from tests.conftest import TEST_SIZES
@@ -115,7 +116,7 @@ def loss_and_grads(model, batch):
 
 def test_gradient_checkpointing_gives_the_same_loss_and_gradients(model, batch):
     checkpointed = copy.deepcopy(model)
-    checkpointed.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    enable_activation_checkpointing(checkpointed)
     results = []
     for m in (model, checkpointed):
         sts.apply_sts(m, {"lds": {"alpha": 0.6}})

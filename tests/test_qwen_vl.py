@@ -96,9 +96,10 @@ def test_a_processor_that_needs_a_missing_package_is_one_line(synth_data, tmp_pa
     config["processor_class"] = "Qwen2_5_VLProcessor"  # as a real checkpoint names it
     config["video_processor"] = {"video_processor_type": "Qwen2VLVideoProcessor"}
     (folder / "processor_config.json").write_text(json.dumps(config))
+    (folder / "video_preprocessor_config.json").write_text(json.dumps(config["video_processor"]))  # older releases
     data = [f"data.train={synth_data['train']}", f"stages.0.data.train={synth_data['align']}"]
     assert main(["train", "qwen2.5-vl", f"model.path={folder}", *data, f"output_dir={tmp_path / 'run'}"]) == 2
     assert capsys.readouterr().err.strip().splitlines()[-1] == (
-        f"sts: error: model.path: {folder}: Qwen2VLVideoProcessor requires the Torchvision library, which is not "
-        "installed here; install it (torchvision: the build that matches your torch)"
+        f"sts: error: model.path: {folder}: its processor needs torchvision (the Qwen-VL and OneVision video "
+        "processors use it), which is not installed here; install it (torchvision: the build that matches your torch)"
     )

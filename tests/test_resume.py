@@ -1,6 +1,7 @@
 """Interruption and numerics: a run killed with SIGKILL resumes and reproduces the uninterrupted
 run; checkpoints are whole or absent; a non-finite loss stops the run or drops its step."""
 
+import inspect
 import signal
 import subprocess
 import time
@@ -8,6 +9,7 @@ import time
 import psutil
 import pytest
 import torch
+import transformers
 from transformers import AutoModelForImageTextToText
 
 from sts.cli.data.dataset import LlavaDataset
@@ -41,7 +43,26 @@ def kill_when_saved(line: list[str], environment: dict, checkpoint) -> int:
     return run.wait()
 
 
-@pytest.mark.parametrize("processes", [1, 2])
+# Some transformers releases (5.0 among them) load a resumed multi-process run's optimizer state onto
+# `args.device`, which on CPU is a device torch cannot restore to; on GPUs it is the rank's GPU.
+CPU_RESUME_BROKEN = "self.args.device if self.args.world_size > 1" in inspect.getsource(
+    transformers.Trainer._load_optimizer_and_scheduler
+)
+
+
+@pytest.mark.parametrize(
+    "processes",
+    [
+        1,
+        pytest.param(
+            2,
+            marks=pytest.mark.skipif(
+                CPU_RESUME_BROKEN and not torch.cuda.is_available(),
+                reason="this transformers cannot resume a multi-process run on CPU",
+            ),
+        ),
+    ],
+)
 def test_a_run_killed_mid_stage_resumes_and_reproduces_the_uninterrupted_run(processes, synth_data, tmp_path):
     steps = [*INSTRUCT, *(["stages.1.batch_size=2"] if processes > 1 else [])]  # the data lasts the 40 steps
     reference = launch(processes, tmp_path / "reference", *recipe(synth_data, tmp_path / "reference" / "run", *steps))

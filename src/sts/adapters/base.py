@@ -18,6 +18,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from sts.compat import returns_tuple
+
 PARTS = ("vision_tower", "projector", "language_model")
 
 
@@ -45,10 +47,23 @@ class Unit:
 class SkippedLayer(nn.Module):
     """Stands in for a skipped decoder layer for one step: returns its input hidden states, so
     whatever the model does around each layer (DeepStack, per-layer attention types, sliding
-    windows, indexed by the layer's place) happens as it would with that layer as an identity."""
+    windows, indexed by the layer's place) happens as it would with that layer as an identity.
+    It answers for the layer it replaces (attributes the model reads of it, such as
+    `attention_type`) and returns what that layer returns: the tensor, or a tuple led by it."""
+
+    def __init__(self, replaced: nn.Module):
+        super().__init__()
+        object.__setattr__(self, "replaced", replaced)  # not a submodule: never called, never saved
+        self.as_tuple = returns_tuple(replaced)
 
     def forward(self, hidden_states, *args, **kwargs):
-        return hidden_states
+        return (hidden_states,) if self.as_tuple else hidden_states
+
+    def __getattr__(self, name: str):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            return getattr(object.__getattribute__(self, "replaced"), name)
 
 
 class Adapter:
@@ -114,7 +129,7 @@ class Adapter:
         layers = self.decoder_layers()
         originals = {i: layers[i] for i in skipped}
         for i in skipped:
-            layers[i] = SkippedLayer()
+            layers[i] = SkippedLayer(originals[i])
         try:
             yield
         finally:

@@ -4,6 +4,7 @@ runs only when the recipe trusts it."""
 
 from __future__ import annotations
 
+import importlib.util
 from pathlib import Path
 
 import torch
@@ -18,11 +19,16 @@ def load_model_and_processor(path: str | Path, trust_remote_code: bool = False):
     model = load_model(path, trust_remote_code)
     try:
         processor = AutoProcessor.from_pretrained(path, trust_remote_code=trust_remote_code)
-    except ImportError as error:  # e.g. the Qwen-VL and OneVision video processors need torchvision
-        needs = str(error).split(" but ")[0].strip()
+    except (ImportError, TypeError) as error:  # TypeError: transformers 5.0 without torchvision
+        if importlib.util.find_spec("torchvision") is None:
+            needs = "torchvision (the Qwen-VL and OneVision video processors use it)"
+        elif isinstance(error, ImportError):
+            needs = str(error).split(" but ")[0].strip()
+        else:
+            raise
         raise ConfigError(
-            f"model.path: {path}: {needs}, which is not installed here; install it (torchvision: the build "
-            "that matches your torch)"
+            f"model.path: {path}: its processor needs {needs}, which is not installed here; install it "
+            "(torchvision: the build that matches your torch)"
         ) from None
     return model, processor
 

@@ -25,9 +25,10 @@ import torch
 import torch.distributed as dist
 from transformers import Trainer, TrainerCallback
 from transformers.trainer_pt_utils import LengthGroupedSampler
-from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from sts.cli.runs import STAGING, RunError, TrainingError, replace_folder, write_fingerprint
+from sts.compat import rotate_checkpoints
 
 logger = logging.getLogger("sts.train")
 
@@ -113,12 +114,7 @@ class RecipeTrainer(Trainer):
             self.args.output_dir = run_dir
         self.publish(Path(run_dir, STAGING, name), Path(run_dir, name))
         if self.args.should_save:
-            rotate_checkpoints(
-                output_dir=run_dir,
-                save_total_limit=self.args.save_total_limit,
-                best_model_checkpoint=self.state.best_model_checkpoint,
-                use_mtime=False,
-            )
+            rotate_checkpoints(self, run_dir)
 
     def save_model_whole(self, folder: Path) -> None:
         """The final model, saved like a checkpoint: complete under its name, or absent."""

@@ -29,6 +29,7 @@ from sts.cli.models import tiny
 from sts.cli.recipe_trainer import RecipeTrainer
 from sts.cli.recipes import ConfigError, RecipeConfig, StageConfig
 from sts.cli.runs import check_room, fingerprints, prepare_output, settle
+from sts.compat import checkpointing_arguments
 from sts.config import STSConfig
 from sts.lds import can_skip
 from sts.patch import apply_sts, remove_sts
@@ -55,8 +56,7 @@ def training_arguments(stage: StageConfig, output_dir: Path, seed: int, **engine
         warmup_steps=stage.warmup_ratio,  # a float below 1 is a ratio of the steps
         weight_decay=stage.weight_decay,
         logging_steps=stage.logging_steps,
-        activation_checkpointing=stage.gradient_checkpointing,
-        activation_checkpointing_kwargs={"use_reentrant": False},
+        **checkpointing_arguments(stage.gradient_checkpointing),
         bf16=stage.bf16,
         save_strategy="steps" if stage.save_steps else "no",
         save_steps=stage.save_steps or 500,

@@ -19,17 +19,14 @@ from transformers import (
     CLIPVisionConfig,
     LlamaConfig,
     LlavaNextConfig,
-    LlavaNextImageProcessorPil,
     LlavaNextProcessor,
     LlavaOnevisionConfig,
-    LlavaOnevisionImageProcessorPil,
     LlavaOnevisionProcessor,
     PreTrainedTokenizerFast,
     Qwen2_5_VLConfig,
     Qwen2_5_VLProcessor,
     Qwen2Config,
     Qwen2VLConfig,
-    Qwen2VLImageProcessorPil,
     Qwen2VLProcessor,
     Qwen3VLConfig,
     Qwen3VLProcessor,
@@ -38,6 +35,7 @@ from transformers import (
 
 from sts.cli.data.synth import vocabulary
 from sts.cli.models.tiny import CHAT_TEMPLATE, build_config, build_processor
+from sts.compat import pil_image_processor
 
 PATCH = 8
 TEXT = {
@@ -127,7 +125,7 @@ QWEN3_VL_PROCESSOR = images_and_text(Qwen3VLProcessor, Qwen3VLConfig)
 
 def qwen_processor(processor_class):
     tokenizer = word_tokenizer(QWEN_SPECIALS, pad_token="<|endoftext|>", eos_token="<|im_end|>")
-    image_processor = Qwen2VLImageProcessorPil(
+    image_processor = pil_image_processor("Qwen2VLImageProcessor")(
         patch_size=PATCH,
         merge_size=2,
         temporal_patch_size=2,
@@ -261,7 +259,7 @@ def build_anyres(name: str):
             vision_feature_layer=-1,
             vision_feature_select_strategy="default",
         )
-        image_processor = LlavaNextImageProcessorPil(
+        image_processor = pil_image_processor("LlavaNextImageProcessor")(
             size={"shortest_edge": image_size},
             crop_size=size,
             image_grid_pinpoints=pinpoints,
@@ -294,7 +292,7 @@ def build_anyres(name: str):
             vision_feature_layer=-1,
             vision_feature_select_strategy="full",
         )
-        image_processor = LlavaOnevisionImageProcessorPil(
+        image_processor = pil_image_processor("LlavaOnevisionImageProcessor")(
             size=size, image_grid_pinpoints=pinpoints, image_mean=[0.5] * 3, image_std=[0.5] * 3
         )
 

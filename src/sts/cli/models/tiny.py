@@ -17,7 +17,6 @@ from safetensors.torch import load_file, save_file
 from tokenizers import Tokenizer, decoders, pre_tokenizers, processors
 from tokenizers.models import WordLevel
 from transformers import (
-    CLIPImageProcessorPil,
     CLIPVisionConfig,
     LlamaConfig,
     LlavaConfig,
@@ -28,6 +27,7 @@ from transformers import (
 
 from sts.cli.data.synth import vocabulary
 from sts.cli.recipes import TinyModelConfig
+from sts.compat import in_model_layout, pil_image_processor
 
 BASE_WEIGHTS = Path(__file__).resolve().parent.parent / "assets" / "tiny-base.safetensors"
 SPECIAL_TOKENS = ["<pad>", "<unk>", "<s>", "</s>", "<image>"]
@@ -70,7 +70,7 @@ def build_tokenizer() -> PreTrainedTokenizerFast:
 
 def build_processor(cfg: TinyModelConfig | None = None) -> LlavaProcessor:
     cfg = cfg or TinyModelConfig()
-    image_processor = CLIPImageProcessorPil(
+    image_processor = pil_image_processor("CLIPImageProcessor")(
         size={"shortest_edge": cfg.image_size},
         crop_size={"height": cfg.image_size, "width": cfg.image_size},
         image_mean=[0.5, 0.5, 0.5],
@@ -172,5 +172,5 @@ def load_base_weights(model: LlavaForConditionalGeneration, cfg: TinyModelConfig
             "use the default sizes, set model.base=false, or re-run `sts pretrain-base`"
         )
     weights = {k: v for k, v in load_file(str(path)).items() if not k.startswith(EXTRA_PREFIX)}
-    missing, unexpected = model.load_state_dict(weights, strict=False)
+    missing, unexpected = model.load_state_dict(in_model_layout(weights, model), strict=False)
     assert not unexpected and all(not is_base_part(k) for k in missing), (missing, unexpected)
