@@ -91,3 +91,75 @@ def test_sts_wrapped_before_trl_is_a_clear_error_not_a_silent_bypass(example, tm
     )
     with pytest.raises(ValueError, match=r"call sts.apply_sts\(trainer.model"):
         trainer.train()
+
+
+def test_a_callback_with_a_config_attaches_sts_when_training_begins(synth_data, processor, tmp_path):
+    """How tools that build the model and the Trainer themselves (LLaMA-Factory, ms-swift) get STS."""
+    from transformers import Trainer, TrainingArguments
+
+    import sts
+    from sts.cli.data.collate import Collator
+    from sts.cli.data.dataset import LlavaDataset
+    from sts.cli.models.tiny import build_model
+    from tests.conftest import TEST_SIZES
+
+    model = build_model(TEST_SIZES, seed=0, base=False)
+    arguments = TrainingArguments(
+        output_dir=str(tmp_path),
+        max_steps=3,
+        per_device_train_batch_size=4,
+        logging_steps=1,
+        report_to="none",
+        save_strategy="no",
+        remove_unused_columns=False,
+        use_cpu=True,
+    )
+    trainer = Trainer(
+        model=model,
+        args=arguments,
+        train_dataset=LlavaDataset(synth_data["train"], processor),
+        data_collator=Collator(processor.tokenizer.pad_token_id),
+        callbacks=[sts.STSCallback({"vtc": {"strategy": "pool", "keep_ratio": 0.25}})],
+    )
+    trainer.train()
+    logged = [line for line in trainer.state.log_history if "loss" in line]
+    assert len(logged) == 3 and all(line["sts/lm_seq_len"] < line["sts/input_seq_len"] for line in logged)
+
+
+def stand_in(monkeypatch, name: str, **attributes):
+    """A module standing in for a tool that is not installed here, with the entry point sts uses."""
+    import types
+
+    for prefix in [name.rsplit(".", depth)[0] for depth in range(name.count("."), 0, -1)]:
+        monkeypatch.setitem(sys.modules, prefix, types.ModuleType(prefix))
+    module = types.ModuleType(name)
+    module.__dict__.update(attributes)
+    monkeypatch.setitem(sys.modules, name, module)
+
+
+def test_the_llamafactory_example_hands_its_yaml_and_an_sts_callback_to_run_exp(example, monkeypatch, tmp_path):
+    """LLaMA-Factory 0.9.5's entry point: llamafactory.train.tuner.run_exp(args, callbacks)."""
+    import sts
+
+    calls = []
+    stand_in(monkeypatch, "llamafactory.train.tuner", run_exp=lambda args, callbacks: calls.append((args, callbacks)))
+    recipe = tmp_path / "sft.yaml"
+    recipe.write_text("model_name_or_path: /models/qwen2.5-vl\nstage: sft\nfinetuning_type: full\n")
+    module = example("llamafactory")
+    module.main([str(recipe)])
+    ((args, callbacks),) = calls
+    assert args == {"model_name_or_path": "/models/qwen2.5-vl", "stage": "sft", "finetuning_type": "full"}
+    assert [type(c) for c in callbacks] == [sts.STSCallback] and callbacks[0].config == module.STS
+
+
+def test_the_ms_swift_plugin_registers_an_sts_callback(example, monkeypatch):
+    """ms-swift 4.6's plugin contract: swift.callbacks.callbacks_map[name](args, trainer)."""
+    import sts
+
+    callbacks_map = {}
+    stand_in(monkeypatch, "swift.callbacks", callbacks_map=callbacks_map)
+    plugin = example("ms_swift_plugin")
+    callback = callbacks_map["sts"](None, None)
+    assert isinstance(callback, sts.STSCallback) and callback.config == plugin.DEFAULT
+    monkeypatch.setenv("STS_CONFIG", '{"lds": {"alpha": 0.3}}')
+    assert callbacks_map["sts"](None, None).config == {"lds": {"alpha": 0.3}}

@@ -19,25 +19,33 @@ from __future__ import annotations
 from transformers import TrainerCallback
 from transformers.utils import logging
 
-from sts.patch import set_progress, state_of, window_stats
+from sts.config import STSConfig
+from sts.patch import apply_sts, has_sts, set_progress, state_of, window_stats
 
 logger = logging.get_logger(__name__)
 
 
 class STSCallback(TrainerCallback):
-    def __init__(self):
+    """`STSCallback()` drives STS that `apply_sts` attached; `STSCallback(config)` also attaches it
+    (an `STSConfig` or its dict) to the Trainer's model when training begins, for tools that build
+    the model and the Trainer themselves and take only callbacks (LLaMA-Factory, ms-swift)."""
+
+    def __init__(self, config: STSConfig | dict | None = None):
+        self.config = config
         self.ahead_of_loggers = False
 
     @classmethod
-    def add_to(cls, trainer) -> STSCallback:
+    def add_to(cls, trainer, config: STSConfig | dict | None = None) -> STSCallback:
         """Put STS first in a built Trainer's callbacks, so report_to's loggers see its stats."""
-        callback = cls()
+        callback = cls(config)
         callback.ahead_of_loggers = True
         callbacks = trainer.callback_handler.callbacks
         callbacks[:] = [callback] + [c for c in callbacks if not isinstance(c, STSCallback)]
         return callback
 
-    def on_train_begin(self, args, state, control, **kwargs):
+    def on_train_begin(self, args, state, control, model=None, **kwargs):
+        if self.config is not None and not has_sts(model):
+            apply_sts(model, self.config)
         if not self.ahead_of_loggers and [name for name in args.report_to if name != "none"]:
             logger.warning(
                 "sts: report_to=%s logs before callbacks=[STSCallback()] adds its stats; "

@@ -174,6 +174,10 @@ def remove_sts(model):
     return wrapper
 
 
+def has_sts(model) -> bool:
+    return hasattr(base_model(model), STATE)
+
+
 def state_of(model) -> STSState:
     state = getattr(base_model(model), STATE, None)
     if state is None:
