@@ -12,6 +12,21 @@ from sts.patch import drain_stats, state_of
 from tests.conftest import TEST_SIZES
 
 
+def tiny_trainer(model, synth_data, processor, out, callbacks, **arguments) -> Trainer:
+    """A Trainer as a user builds one, on the synthetic data; `arguments` add to or replace the defaults."""
+    defaults = dict(per_device_train_batch_size=4, logging_steps=1, report_to="none", save_strategy="no")
+    args = TrainingArguments(
+        output_dir=str(out), remove_unused_columns=False, use_cpu=True, **{**defaults, **arguments}
+    )
+    return Trainer(
+        model=model,
+        args=args,
+        train_dataset=LlavaDataset(synth_data["train"], processor),
+        data_collator=Collator(processor.tokenizer.pad_token_id),
+        callbacks=callbacks,
+    )
+
+
 def test_a_plain_trainer_with_the_callback_runs_the_schedule(synth_data, processor, tmp_path):
     model = build_model(TEST_SIZES, seed=0, base=False)
     sts.apply_sts(
@@ -21,24 +36,15 @@ def test_a_plain_trainer_with_the_callback_runs_the_schedule(synth_data, process
             "lds": {"alpha": 1.0, "epsilon": 0.0, "protect_first": 0, "protect_last": 0},
         },
     )
-    args = TrainingArguments(
-        output_dir=str(tmp_path),
-        per_device_train_batch_size=4,
+    trainer = tiny_trainer(
+        model,
+        synth_data,
+        processor,
+        tmp_path,
+        [sts.STSCallback()],
         gradient_accumulation_steps=2,
         max_steps=8,
-        logging_steps=1,
         learning_rate=1e-4,
-        report_to="none",
-        save_strategy="no",
-        remove_unused_columns=False,
-        use_cpu=True,
-    )
-    trainer = Trainer(
-        model=model,
-        args=args,
-        train_dataset=LlavaDataset(synth_data["train"], processor),
-        data_collator=Collator(processor.tokenizer.pad_token_id),
-        callbacks=[sts.STSCallback()],
     )
     trainer.train()
 
@@ -103,22 +109,8 @@ def test_loggers_see_the_stats_when_the_callback_goes_first(synth_data, processo
 
     def train(sts_first: bool) -> list[dict]:
         model = sts.apply_sts(build_model(TEST_SIZES, seed=0, base=False), {"vtc": {"strategy": "pool"}})
-        args = TrainingArguments(
-            output_dir=str(tmp_path),
-            per_device_train_batch_size=4,
-            max_steps=2,
-            logging_steps=1,
-            report_to="none",
-            save_strategy="no",
-            remove_unused_columns=False,
-            use_cpu=True,
-        )
-        trainer = Trainer(
-            model=model,
-            args=args,
-            train_dataset=LlavaDataset(synth_data["train"], processor),
-            data_collator=Collator(processor.tokenizer.pad_token_id),
-            callbacks=None if sts_first else [sts.STSCallback()],
+        trainer = tiny_trainer(
+            model, synth_data, processor, tmp_path, None if sts_first else [sts.STSCallback()], max_steps=2
         )
         logger = Logger()
         trainer.callback_handler.callbacks.insert(1, logger)  # where report_to puts its loggers

@@ -95,32 +95,14 @@ def test_sts_wrapped_before_trl_is_a_clear_error_not_a_silent_bypass(example, tm
 
 def test_a_callback_with_a_config_attaches_sts_when_training_begins(synth_data, processor, tmp_path):
     """How tools that build the model and the Trainer themselves (LLaMA-Factory, ms-swift) get STS."""
-    from transformers import Trainer, TrainingArguments
-
     import sts
-    from sts.cli.data.collate import Collator
-    from sts.cli.data.dataset import LlavaDataset
     from sts.cli.models.tiny import build_model
     from tests.conftest import TEST_SIZES
+    from tests.test_callback import tiny_trainer
 
+    compressor = sts.STSCallback({"vtc": {"strategy": "pool", "keep_ratio": 0.25}})
     model = build_model(TEST_SIZES, seed=0, base=False)
-    arguments = TrainingArguments(
-        output_dir=str(tmp_path),
-        max_steps=3,
-        per_device_train_batch_size=4,
-        logging_steps=1,
-        report_to="none",
-        save_strategy="no",
-        remove_unused_columns=False,
-        use_cpu=True,
-    )
-    trainer = Trainer(
-        model=model,
-        args=arguments,
-        train_dataset=LlavaDataset(synth_data["train"], processor),
-        data_collator=Collator(processor.tokenizer.pad_token_id),
-        callbacks=[sts.STSCallback({"vtc": {"strategy": "pool", "keep_ratio": 0.25}})],
-    )
+    trainer = tiny_trainer(model, synth_data, processor, tmp_path, [compressor], max_steps=3)
     trainer.train()
     logged = [line for line in trainer.state.log_history if "loss" in line]
     assert len(logged) == 3 and all(line["sts/lm_seq_len"] < line["sts/input_seq_len"] for line in logged)
