@@ -19,7 +19,7 @@ $(STAMP): pyproject.toml
 	$(call make_venv,.venv,)
 
 $(OLDEST): pyproject.toml oldest-supported.txt
-	$(call make_venv,.venv-oldest,-c oldest-supported.txt)
+	$(call make_venv,.venv-oldest,ms-swift -c oldest-supported.txt)
 
 demo: $(STAMP)
 	.venv/bin/sts demo
@@ -30,7 +30,7 @@ test: $(STAMP)
 	.venv/bin/lint-imports
 	$(PY) -m pytest
 
-# The suite against the oldest supported transformers, trl, peft and accelerate (CI runs it too).
+# The suite against the oldest supported transformers, trl, peft and accelerate, with ms-swift (CI runs it too).
 test-oldest: $(OLDEST)
 	.venv-oldest/bin/python -m pytest
 

@@ -1,6 +1,7 @@
 """Every example in examples/ runs for a few steps on a tiny model and does what it says."""
 
 import importlib
+import importlib.util
 import sys
 from pathlib import Path
 
@@ -145,3 +146,35 @@ def test_the_ms_swift_plugin_registers_an_sts_callback(example, monkeypatch):
     assert isinstance(callback, sts.STSCallback) and callback.config == plugin.DEFAULT
     monkeypatch.setenv("STS_CONFIG", '{"lds": {"alpha": 0.3}}')
     assert callbacks_map["sts"](None, None).config == {"lds": {"alpha": 0.3}}
+
+
+@pytest.mark.skipif(
+    importlib.util.find_spec("swift") is None, reason="ms-swift is installed by `make test-oldest` only"
+)
+def test_ms_swift_trains_a_tiny_llava_with_sts_compressing(synth_data, tmp_path):
+    """`swift sft ... --external_plugins examples/ms_swift_plugin.py --callbacks sts`, as the README says."""
+    import json
+    import re
+    import subprocess
+
+    from sts.cli.models.families import save_tiny
+
+    model = save_tiny("LlavaForConditionalGeneration", tmp_path / "model")
+    rows = []
+    for record in json.loads(synth_data["train"].read_text())[:16]:
+        turns = [{"role": "user" if t["from"] == "human" else "assistant", "content": t["value"]}
+                 for t in record["conversations"]]  # fmt: skip
+        rows.append({"messages": turns, "images": [str(synth_data["train"].parent / record["image"])]})
+    data = tmp_path / "train.jsonl"
+    data.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    swift = Path(sys.executable).parent / "swift"
+    command = [str(swift), "sft", "--model", str(model), "--model_type", "llava1_5_hf", "--template", "llava1_5_hf",
+               "--dataset", str(data), "--external_plugins", str(EXAMPLES / "ms_swift_plugin.py"), "--callbacks",
+               "sts", "--tuner_type", "full", "--max_steps", "2", "--per_device_train_batch_size", "2",
+               "--gradient_accumulation_steps", "1", "--logging_steps", "1", "--output_dir", str(tmp_path / "out"),
+               "--report_to", "none", "--save_strategy", "no", "--torch_dtype", "float32"]  # fmt: skip
+    run = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    kept = [int(n) for n in re.findall(r"'sts/visual_tokens_kept': (\d+)", run.stdout + run.stderr)]
+    visual = [int(n) for n in re.findall(r"'sts/visual_tokens_in': (\d+)", run.stdout + run.stderr)]
+    assert len(kept) == 2 and all(k * 4 == v for k, v in zip(kept, visual)), (kept, visual)  # pool, a quarter

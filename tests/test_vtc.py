@@ -96,6 +96,17 @@ def test_labels_stay_on_the_answers(model, batch):
         assert torch.equal(kept_labels[row][kept_labels[row] != IGNORE_INDEX], original_answers)
 
 
+def test_labels_of_the_last_positions_only_score_as_the_whole_labels_do(model, batch):
+    """ms-swift passes labels for the last `logits_to_keep` positions only (its head scores no more)."""
+    sts.apply_sts(model, {"vtc": {"strategy": "pool", "keep_ratio": 0.25}})
+    keep = 20
+    whole = batch["labels"].clone()
+    whole[:, :-keep] = IGNORE_INDEX
+    expected = model(**{**batch, "labels": whole}).loss
+    tail = model(**{**batch, "labels": batch["labels"][:, -keep:], "logits_to_keep": keep}).loss
+    assert torch.allclose(tail, expected) and torch.isfinite(expected)
+
+
 def test_eval_mode_is_the_unpatched_model_bit_for_bit(model, batch):
     model.eval()
     with torch.no_grad():
