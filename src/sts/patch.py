@@ -137,7 +137,7 @@ def apply_sts(model, cfg: STSConfig | dict):
         # in the call and are cut in place with the sequence. Otherwise STS computes the loss itself.
         fused = bool(kwargs.get("fused_lm_head"))
         labels = (kwargs.get("labels") if fused else kwargs.pop("labels", None)) if compressing else None
-        if labels is not None and not fused and labels.shape[-1] < input_ids.shape[-1]:
+        if labels is not None and not fused and kwargs.get("logits_to_keep") and labels.shape[-1] < input_ids.shape[-1]:
             # Labels of only the last `logits_to_keep` positions (ms-swift saves the head's work so):
             # aligned with the whole sequence, and the cut sequence is scored whole.
             labels = torch.nn.functional.pad(labels, (input_ids.shape[-1] - labels.shape[-1], 0), value=IGNORE_INDEX)
