@@ -75,7 +75,7 @@ def test_a_fused_lm_head_scores_the_cut_labels_as_sts_does(synth_data, processor
     STS cuts them in place, and the loss is the one STS computes itself from the logits."""
     add_fused_lm_head = getattr(pytest.importorskip("trl.trainer.utils"), "add_fused_lm_head", None)
     if add_fused_lm_head is None:
-        pytest.skip("this TRL has no fused LM head (TRL 1.x has)")
+        pytest.skip("this TRL has no fused LM head (TRL 1.15 has)")
 
     from sts.cli.data.collate import Collator
     from sts.cli.data.dataset import LlavaDataset
