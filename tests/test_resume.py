@@ -44,8 +44,9 @@ def kill_when_saved(line: list[str], environment: dict, checkpoint) -> int:
 
 
 # Some transformers releases (5.0 among them) load a resumed multi-process run's optimizer state onto
-# `args.device`, which on CPU is a device torch cannot restore to; on GPUs it is the rank's GPU.
-CPU_RESUME_BROKEN = "self.args.device if self.args.world_size > 1" in inspect.getsource(
+# `args.device`, which on CPU is a device torch cannot restore to ("cpu:0"); on GPUs it is the rank's
+# GPU. Newer releases load it onto plain "cpu" there (they test the device's type).
+CPU_RESUME_BROKEN = "self.args.device if self.args.world_size > 1 else" in inspect.getsource(
     transformers.Trainer._load_optimizer_and_scheduler
 )
 
