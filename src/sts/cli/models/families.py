@@ -141,8 +141,9 @@ def llava_tokenizer() -> PreTrainedTokenizerFast:
     return word_tokenizer(LLAVA_SPECIALS, pad_token="<pad>", unk_token="<unk>", bos_token="<s>", eos_token="</s>")
 
 
-def clip_tower(image_size: int) -> CLIPVisionConfig:
-    return CLIPVisionConfig(
+def toy_tower(config_class, image_size: int):
+    """A vision tower's config (CLIP, SigLIP) at toy widths."""
+    return config_class(
         hidden_size=32,
         intermediate_size=64,
         num_hidden_layers=2,
@@ -252,7 +253,7 @@ def build_anyres(name: str):
     size = {"height": image_size, "width": image_size}
     if name == "LlavaNextForConditionalGeneration":
         config = LlavaNextConfig(
-            vision_config=clip_tower(image_size),
+            vision_config=toy_tower(CLIPVisionConfig, image_size),
             text_config=text_config,
             image_token_index=image_token,
             image_grid_pinpoints=pinpoints,
@@ -275,14 +276,7 @@ def build_anyres(name: str):
             num_additional_image_tokens=1,
         )
     else:
-        vision = SiglipVisionConfig(
-            hidden_size=32,
-            intermediate_size=64,
-            num_hidden_layers=2,
-            num_attention_heads=2,
-            image_size=image_size,
-            patch_size=PATCH,
-        )
+        vision = toy_tower(SiglipVisionConfig, image_size)
         config = LlavaOnevisionConfig(
             vision_config=vision,
             text_config=text_config,
