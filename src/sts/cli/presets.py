@@ -24,6 +24,17 @@ def clip_l_336() -> CLIPVisionConfig:
     )
 
 
+def llava_15(text, image_token: int) -> LlavaConfig:
+    """LLaVA-1.5's shape around a language model: CLIP-L/336 (576 tokens an image, its second-to-last layer)."""
+    return LlavaConfig(
+        vision_config=clip_l_336(),
+        text_config=text,
+        image_token_index=image_token,
+        vision_feature_layer=-2,
+        image_seq_length=576,
+    )
+
+
 def preset_config(name: str, layers: int | None) -> tuple[LlavaConfig, dict]:
     """(config, text tokens per sample in each stage) of a preset; `layers` overrides the decoder depth."""
     llava_text = {stage: text for stage, (_, text) in LLAVA_15_DATA.items()}
@@ -39,13 +50,7 @@ def preset_config(name: str, layers: int | None) -> tuple[LlavaConfig, dict]:
             vocab_size=32064,
             max_position_embeddings=4096,
         )
-        return LlavaConfig(
-            vision_config=clip_l_336(),
-            text_config=text,
-            image_token_index=32000,
-            vision_feature_layer=-2,
-            image_seq_length=576,
-        ), llava_text
+        return llava_15(text, image_token=32000), llava_text
     if name == "llava-1.5-0.5b":
         text = Qwen2Config(
             hidden_size=896,
@@ -56,11 +61,5 @@ def preset_config(name: str, layers: int | None) -> tuple[LlavaConfig, dict]:
             vocab_size=151936,
             max_position_embeddings=4096,
         )
-        return LlavaConfig(
-            vision_config=clip_l_336(),
-            text_config=text,
-            image_token_index=151646,
-            vision_feature_layer=-2,
-            image_seq_length=576,
-        ), llava_text
+        return llava_15(text, image_token=151646), llava_text
     raise ValueError(f"unknown preset {name!r}; choose tiny, llava-1.5-7b or llava-1.5-0.5b")
