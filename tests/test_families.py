@@ -112,6 +112,14 @@ def units_per_row(model, batch) -> list[list]:
     return rows
 
 
+def test_images_are_counted_from_the_inputs_as_the_model_splits_its_features(family):
+    model, batch = fresh(family)
+    adapter = get_adapter(model)
+    with capture_features(adapter) as features, torch.no_grad():
+        model(**batch)
+    assert adapter.images_in(batch) == sum(len(f) for f in features.values()) == 3
+
+
 def expected_kept(unit, strategy: str, ratio: float) -> int:
     """Tokens of a unit the language model should see: the fixed ones, plus a quarter of the
     grid (selections), or one per window of the grid (pool: 2 x 2 windows for a quarter)."""
@@ -279,9 +287,10 @@ def test_an_unknown_model_is_a_clear_error_naming_the_supported_classes():
 
 
 def test_proportional_attention_weighs_pooled_tokens_on_every_family(family):
-    """The 4-D mask reaches the decoder with each pooled token weighted as its window: the
-    last real query of a row weighs as many tokens as the row had before pooling."""
+    """With eager attention the 4-D mask reaches the decoder with each pooled token weighted as its
+    window: the last real query of a row weighs as many tokens as the row had before pooling."""
     model, batch = fresh(family)
+    model.set_attn_implementation("eager")
     cut = language_model_inputs(
         model, batch, {"vtc": {"strategy": "pool", "keep_ratio": 0.25, "proportional_attention": True}}
     )
@@ -292,3 +301,26 @@ def test_proportional_attention_weighs_pooled_tokens_on_every_family(family):
         last = int(allowed.any(-1).nonzero().max()) if allowed.any() else 0
         weights = mask[row, 0, last][allowed[last]].exp().sum()
         assert round(float(weights)) == int(batch["attention_mask"][row].sum())
+
+
+@pytest.mark.parametrize("skipper", [None, {"alpha": 1.0, "epsilon": 0.0, "protect_first": 0, "protect_last": 1}])
+def test_proportional_attention_as_a_key_bias_is_the_eager_mask_on_every_family(family, skipper):
+    """SDPA (no float mask: the bias rides in one more head dimension) gives the loss and gradients
+    of eager attention's 4-D float mask, with and without skipped layers."""
+    results = {}
+    for attention in ("eager", "sdpa"):
+        model, batch = fresh(family)
+        model.set_attn_implementation(attention)
+        vtc = {"strategy": "pool", "keep_ratio": 0.25, "proportional_attention": True}
+        sts.apply_sts(model, {"vtc": vtc, "lds": skipper})
+        sts.set_progress(model, 0, 10)
+        loss = model(**batch).loss
+        loss.backward()
+        grads = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+        results[attention] = loss, grads, sts.step_stats(model)["skipped_layers"]
+    (eager_loss, eager_grads, eager_skips), (loss, grads, skips) = results["eager"], results["sdpa"]
+    assert skips == eager_skips and (skipper is None) == (skips == [])
+    assert torch.allclose(loss, eager_loss, atol=1e-5)
+    assert grads.keys() == eager_grads.keys()
+    for name, grad in grads.items():
+        assert torch.allclose(grad, eager_grads[name], atol=1e-5), name

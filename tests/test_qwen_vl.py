@@ -4,7 +4,9 @@ import pytest
 import torch
 from transformers import AutoModelForImageTextToText, AutoProcessor
 
+from sts.adapters import get_adapter
 from sts.cli.models.families import save_tiny
+from sts.patch import capture_features
 from tests.test_families import language_model_inputs
 
 FRAMES, HEIGHT, WIDTH = 2, 8, 8  # video patches; 2 x 2 merged: 4 x 4 = 16 tokens per temporal group
@@ -61,6 +63,16 @@ def test_video_is_compressed_per_temporal_group(name, tmp_path):
         rows, cols = sorted({p[1] for p in group}), sorted({p[2] for p in group})
         expected = [[time, rows[r], cols[c]] for r in (1, 3) for c in (1, 3)]  # uniform's centred rows/cols
         assert [p for p in kept if p[0] == time] == expected
+
+
+@pytest.mark.parametrize("name", ["Qwen2_5_VLForConditionalGeneration", "Qwen3VLForConditionalGeneration"])
+def test_a_video_counts_as_the_model_splits_its_features(name, tmp_path):
+    model, processor = tiny(name, tmp_path)
+    batch = video_batch(model, processor.tokenizer, groups_apart=name.startswith("Qwen3"))
+    adapter = get_adapter(model)
+    with capture_features(adapter) as features, torch.no_grad():
+        model.train()(**batch)
+    assert adapter.images_in(batch) == len(features["video"])
 
 
 def test_deepstack_features_are_cut_with_the_tokens(tmp_path):

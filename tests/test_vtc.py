@@ -1,3 +1,4 @@
+import copy
 import math
 
 import pytest
@@ -9,6 +10,7 @@ from sts.cli.data.collate import Collator
 from sts.cli.data.dataset import LlavaDataset
 from sts.cli.models.tiny import build_model
 from sts.cut import IGNORE_INDEX, proportional_mask
+from sts.patch import has_sts
 from sts.vtc import Context, compress, distinct, kept_count, text_guided
 from tests.conftest import TEST_SIZES
 
@@ -287,6 +289,8 @@ def test_proportional_mask_weighs_a_token_as_the_tokens_it_stands_for():
 
 
 def test_proportional_attention_weighs_each_pooled_token_as_its_window(model, batch):
+    """Eager attention takes the key bias as a 4-D float mask (every other kernel: `test_families`)."""
+    model.set_attn_implementation("eager")
     seen = record_language_model_inputs(model)
     sts.apply_sts(model, {"vtc": {"strategy": "pool", "keep_ratio": 0.25, "proportional_attention": True}})
     model(**batch).loss.backward()
@@ -302,7 +306,21 @@ def test_proportional_attention_weighs_each_pooled_token_as_its_window(model, ba
     assert torch.isclose(last_query[real].exp().max(), torch.tensor(4.0))
 
 
-def test_proportional_attention_refuses_an_attention_without_float_masks(model):
-    model.config.get_text_config()._attn_implementation = "flash_attention_2"
-    with pytest.raises(ValueError, match="eager or sdpa"):
+def test_proportional_attention_refuses_an_attention_transformers_does_not_know(model):
+    model.config.get_text_config()._attn_implementation = "my_kernel"
+    with pytest.raises(ValueError, match="'my_kernel' is not registered.*use sdpa, flash_attention_2"):
         sts.apply_sts(model, {"vtc": {"strategy": "pool", "proportional_attention": True}})
+    assert not has_sts(model)
+
+
+def test_proportional_attention_runs_in_flex_attention_as_in_eager(model, batch):
+    """FlexAttention takes the key bias in one more head dimension too (its CPU kernel has no
+    backward, so the loss only here; the gradients are SDPA's test on every family)."""
+    losses = {}
+    for attention in ("eager", "flex_attention"):
+        patched = sts.apply_sts(copy.deepcopy(model), {"vtc": {"strategy": "pool", "proportional_attention": True}})
+        patched.set_attn_implementation(attention)
+        sts.set_progress(patched, 0, 10)
+        with torch.no_grad():
+            losses[attention] = patched(**batch).loss
+    assert torch.allclose(losses["flex_attention"], losses["eager"], atol=1e-5)

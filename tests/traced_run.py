@@ -116,17 +116,18 @@ def train_fsdp(out: Path, data: str, steps: int, accumulation: int, skipper: boo
 LAUNCH_TIMEOUT_S = 300
 
 
-def command(processes: int, out: Path, *args: str) -> tuple[list[str], dict]:
-    """The command line and environment that run this script on `processes` processes."""
-    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={processes}"]
-    line = [*(launcher if processes > 1 else [sys.executable]), __file__, args[0], str(out), *args[1:]]
+def command(processes: int, out: Path, *args: str, launcher: bool = False) -> tuple[list[str], dict]:
+    """The command line and environment that run this script on `processes` processes; through
+    torchrun if several, or if `launcher` (an engine on one process)."""
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={processes}"]
+    line = [*(torchrun if processes > 1 or launcher else [sys.executable]), __file__, args[0], str(out), *args[1:]]
     return line, {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).parent.parent)}
 
 
-def launch(processes: int, out: Path, *args: str) -> list[list[dict]]:
+def launch(processes: int, out: Path, *args: str, launcher: bool = False) -> list[list[dict]]:
     """Run this script to the end, bounded by a timeout (a hang fails); each rank's trace."""
     out.mkdir(parents=True, exist_ok=True)
-    line, environment = command(processes, out, *args)
+    line, environment = command(processes, out, *args, launcher=launcher)
     done = subprocess.run(line, env=environment, capture_output=True, text=True, timeout=LAUNCH_TIMEOUT_S)
     assert done.returncode == 0, done.stderr[-4000:]
     return [json.loads((out / f"trace.rank{rank}.json").read_text()) for rank in range(processes)]

@@ -12,6 +12,7 @@ API = {
     "STSConfig": "sts.config",
     "VTCConfig": "sts.config",
     "apply_sts": "sts.patch",
+    "compile_layers": "sts.compiling",
     "remove_sts": "sts.patch",
     "set_progress": "sts.patch",
     "step_stats": "sts.patch",

@@ -10,6 +10,7 @@ forward of sequence lengths and skipped layers, the running skip rate), in the T
 history and to every callback after this one.
 transformers puts `report_to`'s loggers (TensorBoard, W&B) ahead of the callbacks passed to the
 Trainer, so `STSCallback.add_to(trainer)` is the way to have them record STS's stats too.
+With `torch_compile=True` and layers to skip it warns: `sts.compile_layers` is the compile for that.
 A step that ran without STS's forward (something wrapped the model after `apply_sts`, as TRL's
 trainers do when built) stops training with that advice rather than silently training dense.
 """
@@ -20,6 +21,7 @@ from transformers import TrainerCallback
 from transformers.utils import logging
 
 from sts.config import STSConfig
+from sts.lds import can_skip
 from sts.patch import apply_sts, has_sts, set_progress, state_of, window_stats
 
 logger = logging.get_logger(__name__)
@@ -46,6 +48,16 @@ class STSCallback(TrainerCallback):
     def on_train_begin(self, args, state, control, model=None, **kwargs):
         if self.config is not None and not has_sts(model):
             apply_sts(model, self.config)
+        if (
+            args.torch_compile
+            and has_sts(model)
+            and can_skip(state_of(model).adapter.num_layers, state_of(model).cfg.lds)
+        ):
+            logger.warning(
+                "sts: torch_compile=True compiles the whole model, and every set of layers the skipper leaves "
+                "out is another graph (a recompile nearly every step); compile the layers instead: "
+                "sts.compile_layers(model) before training, with torch_compile=False"
+            )
         if not self.ahead_of_loggers and [name for name in args.report_to if name != "none"]:
             logger.warning(
                 "sts: report_to=%s logs before callbacks=[STSCallback()] adds its stats; "

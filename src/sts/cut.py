@@ -1,7 +1,7 @@
 """The cut of a batch: everything the compressor does to the sequence the language model reads.
 
 `cut_batch` plans it on the host (which visual tokens each image keeps, pooled or selected by
-its strategy), and applies it to the embeddings, the mask (proportional attention's included),
+its strategy), and applies it to the embeddings, the mask, proportional attention's key bias,
 the 1-D or 3-D positions and every input that travels with the tokens. It is a function of plain
 values: the compressor's config, the adapter, the keep ratio, the seed parts of the draws and
 the inputs; STS's wiring (`sts.patch`) calls it from a pre-hook on the language model.
@@ -20,6 +20,8 @@ from dataclasses import dataclass
 import torch
 
 from sts.adapters.base import Adapter
+from sts.attention import KEY_BIAS, key_bias
+from sts.attention import install as install_key_bias
 from sts.config import VTCConfig
 from sts.draws import seeded_generator
 from sts.vtc import FEATURE_STRATEGIES, TEXT_STRATEGIES, Context, compress
@@ -181,8 +183,12 @@ def cut_batch(
     else:
         new_positions = cut.pick(positions.expand(*positions.shape[:-2], batch, -1))
     out = {**lm_inputs, "inputs_embeds": cut.mean(embeds), "position_ids": new_positions}
-    mask = cut.real.to(attention_mask.dtype)
-    out["attention_mask"] = proportional_mask(mask, cut.sizes, embeds.dtype) if vtc.proportional_attention else mask
+    out["attention_mask"] = cut.real.to(attention_mask.dtype)
+    if vtc.proportional_attention and adapter.attention() == "eager":  # eager takes the bias as a float mask
+        out["attention_mask"] = proportional_mask(out["attention_mask"], cut.sizes, embeds.dtype)
+    elif vtc.proportional_attention:  # any other kernel, as one more head dimension (`sts.attention`)
+        install_key_bias(adapter.attention())  # the kernel may have changed since apply_sts
+        out[KEY_BIAS] = key_bias(cut.sizes)
     for name, mask_name in adapter.visual_row_kwargs.items():
         rows = lm_inputs.get(name)
         if rows is not None:

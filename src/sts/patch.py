@@ -20,6 +20,7 @@ import torch
 
 from sts.adapters import get_adapter
 from sts.adapters.base import Adapter
+from sts.attention import install as install_key_bias
 from sts.config import STSConfig
 from sts.cut import IGNORE_INDEX, Cut, cut_batch
 from sts.draws import seeded_coin
@@ -41,6 +42,10 @@ class STSState:
         # Stats of every training forward since the last drain; bounded, for loops that never drain.
         self.history: deque[dict] = deque(maxlen=4096)
         self.window = Window()  # what the forwards since the last logged line did
+        self.pending: PendingCut | None = None  # the cut of the forward running now, if it compresses
+        self.hook = self.adapter.language_model().register_forward_pre_hook(
+            cut_at_language_model(self), with_kwargs=True, prepend=True
+        )
 
     @property
     def progress(self) -> float:
@@ -101,8 +106,8 @@ def apply_sts(model, cfg: STSConfig | dict):
     wrapper, model = model, base_model(model)
     cfg = cfg if isinstance(cfg, STSConfig) else STSConfig(**cfg)
     attention = model.config.get_text_config()._attn_implementation
-    if cfg.vtc and cfg.vtc.proportional_attention and attention not in ("eager", "sdpa"):
-        raise ValueError(f"vtc.proportional_attention needs eager or sdpa attention (a float mask), not {attention!r}")
+    if cfg.vtc and cfg.vtc.proportional_attention and attention != "eager":
+        install_key_bias(attention)  # the key bias rides in the kernel's head dimension (`sts.attention`)
     if hasattr(model, STATE):
         remove_sts(model)
     state = STSState(model, cfg)
@@ -114,59 +119,103 @@ def apply_sts(model, cfg: STSConfig | dict):
             return state.original_forward(*args, **kwargs)
         if args:
             raise TypeError("sts: pass the model's inputs as keyword arguments (input_ids=..., pixel_values=...)")
-        input_ids = kwargs.get("input_ids")
-        state.stats = {
-            "batch_size": 0,
-            "images": 0,
-            "visual_tokens_in": 0,
-            "visual_tokens_kept": 0,
-            "input_seq_len": 0,
-            "lm_seq_len": 0,
-        }
-        if input_ids is not None:
-            visual = int(state.adapter.visual_token_mask(input_ids).sum())
-            state.stats.update(
-                batch_size=input_ids.shape[0],
-                visual_tokens_in=visual,
-                visual_tokens_kept=visual,
-                input_seq_len=input_ids.shape[1],
-                lm_seq_len=input_ids.shape[1],
-            )
-        compressing = state.vtc_active() and input_ids is not None and state.stats["visual_tokens_in"] > 0
-        # A fused LM head (TRL's `fused_lm_head=True`) scores the labels inside the forward: they stay
-        # in the call and are cut in place with the sequence. Otherwise STS computes the loss itself.
-        fused = bool(kwargs.get("fused_lm_head"))
-        labels = (kwargs.get("labels") if fused else kwargs.pop("labels", None)) if compressing else None
-        if labels is not None and not fused and kwargs.get("logits_to_keep") and labels.shape[-1] < input_ids.shape[-1]:
-            # Labels of only the last `logits_to_keep` positions (ms-swift saves the head's work so):
-            # aligned with the whole sequence, and the cut sequence is scored whole.
-            labels = torch.nn.functional.pad(labels, (input_ids.shape[-1] - labels.shape[-1], 0), value=IGNORE_INDEX)
-            kwargs.pop("logits_to_keep", None)
-        skipped = state.layers_to_skip()
-        with contextlib.ExitStack() as stack:
-            features = stack.enter_context(capture_features(state.adapter))
-            if compressing:
-                cut = stack.enter_context(cut_at_language_model(state, kwargs, labels, features, in_place=fused))
-            if skipped:
-                stack.enter_context(state.adapter.without_layers(skipped))
-                kwargs["use_cache"] = False
+        plan = begin_forward(state, kwargs)
+        try:
             output = state.original_forward(**kwargs)
-        state.micro_batch += 1
-        if state.micro_batch == 2 and state.total == 0 and (cfg.vtc or cfg.lds):
-            warnings.warn(
-                "sts: training runs without progress (no sts.STSCallback in the Trainer, no sts.set_progress in "
-                "the loop): the skipper stays at its peak rate and the compressor's schedules never move",
-                stacklevel=2,
-            )
-        state.stats["images"] = sum(len(f) for f in features.values())
-        state.history.append(dict(state.stats))
-        state.window.add(state.stats)
-        if compressing and labels is not None and not fused:
-            output = with_loss(model, output, cut.result.pick(labels, IGNORE_INDEX), kwargs)
-        return output
+        finally:
+            plan.close()
+        return end_forward(model, state, plan, kwargs, output)
 
-    model.forward = forward
+    model.forward = torch.compiler.disable(forward, recursive=False)
     return wrapper
+
+
+class ForwardPlan:
+    """What STS does around one training forward: its contexts (features captured, the cut's
+    pre-hook, skipped layers), entered before the model's forward and closed after it."""
+
+    def __init__(self):
+        self.contexts = contextlib.ExitStack()
+        self.compressing, self.fused = False, False
+        self.labels: torch.Tensor | None = None
+        self.cut: PendingCut | None = None
+
+    @torch.compiler.disable
+    def close(self) -> None:
+        self.contexts.close()
+
+
+@torch.compiler.disable
+def begin_forward(state: STSState, kwargs: dict) -> ForwardPlan:
+    """Record the batch, draw this forward's skips, decide whether it is compressed and enter the
+    plan's contexts; `kwargs` (the model's inputs) is edited in place."""
+    plan = ForwardPlan()
+    input_ids = kwargs.get("input_ids")
+    state.stats = {
+        "batch_size": 0,
+        "images": state.adapter.images_in(kwargs),
+        "visual_tokens_in": 0,
+        "visual_tokens_kept": 0,
+        "input_seq_len": 0,
+        "lm_seq_len": 0,
+    }
+    if input_ids is not None:
+        visual = int(state.adapter.visual_token_mask(input_ids).sum())
+        state.stats.update(
+            batch_size=input_ids.shape[0],
+            visual_tokens_in=visual,
+            visual_tokens_kept=visual,
+            input_seq_len=input_ids.shape[1],
+            lm_seq_len=input_ids.shape[1],
+        )
+    plan.compressing = state.vtc_active() and input_ids is not None and state.stats["visual_tokens_in"] > 0
+    # A fused LM head (TRL's `fused_lm_head=True`) scores the labels inside the forward: they stay
+    # in the call and are cut in place with the sequence. Otherwise STS computes the loss itself.
+    plan.fused = bool(kwargs.get("fused_lm_head"))
+    if plan.compressing:
+        plan.labels = kwargs.get("labels") if plan.fused else whole_sequence_labels(kwargs)
+        features = plan.contexts.enter_context(capture_features(state.adapter))
+        state.pending = plan.cut = PendingCut(state, kwargs, plan.labels, features, in_place=plan.fused)
+        plan.contexts.callback(setattr, state, "pending", None)
+    skipped = state.layers_to_skip()
+    if skipped:
+        plan.contexts.enter_context(state.adapter.without_layers(skipped))
+        kwargs["use_cache"] = False
+    return plan
+
+
+def whole_sequence_labels(kwargs: dict) -> torch.Tensor | None:
+    """The labels, taken out of the model's inputs, over the whole sequence. ms-swift passes labels
+    of only the last `logits_to_keep` positions (to save the head's work): they are aligned with the
+    whole sequence, and the cut sequence is then scored whole."""
+    labels, length = kwargs.pop("labels", None), kwargs["input_ids"].shape[-1]
+    if labels is None or not kwargs.get("logits_to_keep") or labels.shape[-1] >= length:
+        return labels
+    kwargs.pop("logits_to_keep")
+    return torch.nn.functional.pad(labels, (length - labels.shape[-1], 0), value=IGNORE_INDEX)
+
+
+@torch.compiler.disable
+def end_forward(model, state: STSState, plan: ForwardPlan, kwargs: dict, output):
+    """Count the forward in the stats and give the output the cut sequence's loss."""
+    state.micro_batch += 1
+    cfg = state.cfg
+    if state.micro_batch == 2 and state.total == 0 and (cfg.vtc or cfg.lds):
+        warnings.warn(
+            "sts: training runs without progress (no sts.STSCallback in the Trainer, no sts.set_progress in "
+            "the loop): the skipper stays at its peak rate and the compressor's schedules never move",
+            stacklevel=3,
+        )
+    state.history.append(dict(state.stats))
+    state.window.add(state.stats)
+    if plan.compressing and plan.cut.result is None:
+        raise RuntimeError(
+            "sts: the language model ran without STS's cut: was the model compiled before sts.apply_sts? "
+            "Attach STS first (torch.compile never sees hooks added later), or compile its layers instead"
+        )
+    if plan.compressing and plan.labels is not None and not plan.fused:
+        output = with_loss(model, output, plan.cut.result.pick(plan.labels, IGNORE_INDEX), kwargs)
+    return output
 
 
 def remove_sts(model):
@@ -175,6 +224,7 @@ def remove_sts(model):
     state = getattr(model, STATE, None)
     if state is not None:
         del model.forward
+        state.hook.remove()
         delattr(model, STATE)
     return wrapper
 
@@ -242,35 +292,47 @@ def capture_features(adapter: Adapter):
 
 
 class PendingCut:
-    """The cut of the current forward, known once the language model has been called."""
+    """A compressed forward's cut: what it needs, and its result once the language model was called."""
 
-    result: Cut | None = None
+    def __init__(self, state: STSState, inputs: dict, labels: torch.Tensor | None, features: dict, in_place: bool):
+        self.inputs, self.labels, self.features, self.in_place = inputs, labels, features, in_place
+        self.keep_ratio = state.cfg.vtc.keep_ratio_at(state.progress)
+        self.draw = (state.cfg.seed, state.step, state.micro_batch)
+        self.result: Cut | None = None
 
 
-@contextlib.contextmanager
-def cut_at_language_model(
-    state: STSState, inputs: dict, labels: torch.Tensor | None, features: dict, in_place: bool = False
-):
-    """While the model runs, cut the sequence where its language model receives it (a pre-hook);
-    `in_place`: make `labels` (the caller's tensor object) the cut labels too, for a head that reads them."""
-    pending = PendingCut()
-    keep_ratio = state.cfg.vtc.keep_ratio_at(state.progress)
-    draw = (state.cfg.seed, state.step, state.micro_batch)
+def cut_at_language_model(state: STSState):
+    """The language model's pre-hook while STS is attached: in a compressed forward, cut the sequence
+    where the language model receives it. One hook for the model's life, never one per forward:
+    `torch.compile` does not guard on a module's hooks, so a compiled forward keeps calling this one."""
 
     def hook(module, args, kwargs):
-        pending.result, kwargs, kept_visual = cut_batch(
-            state.cfg.vtc, state.adapter, keep_ratio, draw, inputs, labels, features, kwargs
-        )
-        state.stats.update(visual_tokens_kept=kept_visual, lm_seq_len=pending.result.length)
-        if in_place and labels is not None:
-            labels.set_(pending.result.pick(labels, IGNORE_INDEX))
-        return args, kwargs
+        if state.pending is None:  # traced under torch.compile: a guard, no graph break
+            return None
+        return cut_pending(state, args, kwargs)
 
-    handle = state.adapter.language_model().register_forward_pre_hook(hook, with_kwargs=True, prepend=True)
-    try:
-        yield pending
-    finally:
-        handle.remove()
+    return hook
+
+
+@torch.compiler.disable  # under torch.compile(model): the cut runs eagerly, one graph break
+def cut_pending(state: STSState, args: tuple, kwargs: dict):
+    """Cut the pending forward's sequence; `in_place`: the caller's labels tensor becomes the cut labels
+    too, for a head that reads them."""
+    pending = state.pending
+    pending.result, kwargs, kept_visual = cut_batch(
+        state.cfg.vtc,
+        state.adapter,
+        pending.keep_ratio,
+        pending.draw,
+        pending.inputs,
+        pending.labels,
+        pending.features,
+        kwargs,
+    )
+    state.stats.update(visual_tokens_kept=kept_visual, lm_seq_len=pending.result.length)
+    if pending.in_place and pending.labels is not None:
+        pending.labels.set_(pending.result.pick(pending.labels, IGNORE_INDEX))
+    return args, kwargs
 
 
 def with_loss(model, output, labels: torch.Tensor, inputs: dict):

@@ -25,12 +25,14 @@ PARTS = ("vision_tower", "projector", "language_model")
 
 @dataclass
 class Modality:
-    """Visual tokens of one kind: their placeholder id in `input_ids`, and the model's method
-    (on `feature_owner()`) that returns their projected features, one tensor per image."""
+    """Visual tokens of one kind: their placeholder id in `input_ids`, the model's method (on
+    `feature_owner()`) that returns their projected features, one tensor per image, and the input
+    with one row per image (its length counts them without reading a tensor's values)."""
 
     name: str  # "image" | "video"
     token_id: int
     method: str
+    counted_by: str
 
 
 @dataclass
@@ -97,7 +99,11 @@ class Adapter:
         return self.model.model.language_model
 
     def modalities(self) -> list[Modality]:
-        return [Modality("image", self.model.config.image_token_id, "get_image_features")]
+        return [Modality("image", self.model.config.image_token_id, "get_image_features", "pixel_values")]
+
+    def images_in(self, inputs: dict) -> int:
+        """The images (and videos) of a batch, from its inputs' shapes: no device sync, no feature."""
+        return sum(len(inputs[m.counted_by]) for m in self.modalities() if inputs.get(m.counted_by) is not None)
 
     def units(self, modality: str, features: list[torch.Tensor], inputs: dict) -> list[Unit]:
         """The units of every image (or video) of the batch in order, from its projected
@@ -113,6 +119,10 @@ class Adapter:
         text = self.model.config.get_text_config()
         special = [t for t in (text.bos_token_id, text.eos_token_id, text.pad_token_id) if t is not None]
         return torch.isin(input_ids, torch.tensor(special, device=input_ids.device))
+
+    def attention(self) -> str:
+        """The language model's attention implementation (eager, sdpa, flash_attention_2, ...)."""
+        return self.model.config.get_text_config()._attn_implementation
 
     def decoder_layers(self) -> nn.ModuleList:
         return self.language_model().layers

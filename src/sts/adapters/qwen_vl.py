@@ -31,8 +31,8 @@ class QwenVLAdapter(Adapter):
     def modalities(self) -> list[Modality]:
         config = self.model.config
         return [
-            Modality("image", config.image_token_id, "get_image_features"),
-            Modality("video", config.video_token_id, "get_video_features"),
+            Modality("image", config.image_token_id, "get_image_features", "image_grid_thw"),
+            Modality("video", config.video_token_id, "get_video_features", "video_grid_thw"),
         ]
 
     def units(self, modality: str, features: list[torch.Tensor], inputs: dict) -> list[Unit]:

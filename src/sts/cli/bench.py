@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from torch._dynamo.utils import counters
 from tqdm import tqdm
 from transformers import LlavaConfig, LlavaForConditionalGeneration
 
@@ -115,11 +116,13 @@ def run_bench(
     layers: int | None = None,
     settings: list[str] | None = None,
     out: str | Path | None = "benchmarks/results",
+    compile: str = "none",
 ) -> dict:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     config, text_tokens = preset_config(preset, layers)
     config.text_config._attn_implementation = config.vision_config._attn_implementation = "sdpa"
+    config.text_config.use_cache = False  # training keeps no KV cache (a compiled layer would guard on its state)
     torch.manual_seed(0)
     with torch.device(device):  # built where it runs: a 7B model's CPU init alone takes minutes
         model = LlavaForConditionalGeneration(config).to(dtype=dtype).train()
@@ -128,40 +131,59 @@ def run_bench(
     chosen = [s for s in SETTINGS if settings is None or s.name in settings]
     records = {s.name: Record() for s in chosen}
     adapter = get_adapter(model)
+    runner = compiled(model, compile)
 
-    def one_step(setting: Setting, step: int, record: Record | None):
+    def train_as(setting: Setting) -> torch.optim.Optimizer:
+        """Make the setting's parts trainable, attach its STS; its optimizer."""
         adapter.set_trainable(setting.parts)
-        trainable = [p for p in model.parameters() if p.requires_grad]
-        optimizer = torch.optim.SGD(trainable, lr=1e-6)  # stateless: the same memory for every setting
         if setting.sts is not None:
             sts.apply_sts(model, setting.sts)
-            sts.set_progress(model, step, steps)  # LDS sees a whole run's schedule over the timed steps
+        trainable = [p for p in model.parameters() if p.requires_grad]
+        return torch.optim.SGD(trainable, lr=1e-6)  # stateless: the same memory for every setting
+
+    def one_step(setting: Setting, optimizer, step: int, record: Record) -> float:
+        if setting.sts is not None:
+            sts.set_progress(model, max(step, 0), steps)  # LDS sees a whole run's schedule over the timed steps
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats()
         batch_inputs = inputs[setting.stage]
         with Timer(device) as timer:
-            model(**batch_inputs).loss.backward()
+            runner(**batch_inputs).loss.backward()
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
+        if step < 0:  # warm-up
+            return timer.seconds
         length, layers_run = batch_inputs["input_ids"].shape[1], shapes.text_layers
         if setting.sts is not None:
             stats = sts.step_stats(model)
             length, layers_run = stats["lm_seq_len"], shapes.text_layers - len(stats.get("skipped_layers", []))
-            sts.remove_sts(model)
-        if record is not None:
-            record.times.append(timer.seconds)
-            trains = {k: v == "full" for k, v in setting.parts.items()}
-            record.flops.append(sum(train_step_flops(shapes, batch, length, batch, trains, layers_run).values()))
-            record.lm_tokens.append(batch * length)
-            if device.type == "cuda":
-                record.peak_bytes = max(record.peak_bytes, torch.cuda.max_memory_allocated())
+        record.times.append(timer.seconds)
+        trains = {k: v == "full" for k, v in setting.parts.items()}
+        record.flops.append(sum(train_step_flops(shapes, batch, length, batch, trains, layers_run).values()))
+        record.lm_tokens.append(batch * length)
+        if device.type == "cuda":
+            record.peak_bytes = max(record.peak_bytes, torch.cuda.max_memory_allocated())
+        return timer.seconds
 
-    for step in range(warmup):
-        for setting in chosen:
-            one_step(setting, step, None)
-    for step in tqdm(range(steps), desc=f"bench {preset}"):
-        for setting in chosen:
-            one_step(setting, step, records[setting.name])
+    # Steps -warmup..-1 warm up, 0..steps-1 are timed. Settings are interleaved round by round, so that
+    # drift hits them alike; a whole-model compile keeps one setting's STS attached from its first call
+    # (it never sees hooks added later), so there the settings run one after another, each compiled afresh.
+    counters.clear()
+    warmup_seconds = 0.0
+    if compile == "whole":
+        for setting in tqdm(chosen, desc=f"bench {preset} (compiled whole)"):
+            torch._dynamo.reset()
+            optimizer = train_as(setting)
+            for step in range(-warmup, steps):
+                seconds = one_step(setting, optimizer, step, records[setting.name])
+                warmup_seconds += seconds if step < 0 else 0.0
+            sts.remove_sts(model)  # a no-op for an unpatched setting
+    else:
+        for step in tqdm(range(-warmup, steps), desc=f"bench {preset}"):
+            for setting in chosen:
+                seconds = one_step(setting, train_as(setting), step, records[setting.name])
+                warmup_seconds += seconds if step < 0 else 0.0
+                sts.remove_sts(model)  # a no-op for an unpatched setting
 
     rows = {}
     for setting in chosen:
@@ -189,16 +211,31 @@ def run_bench(
         "sequence_tokens": {stage: batch_inputs["input_ids"].shape[1] for stage, batch_inputs in inputs.items()},
         "steps": steps,
         "warmup": warmup,
+        "compile": compile,
+        "warmup_seconds": warmup_seconds,  # compiling happens here
+        "compiled_graphs": counters["stats"]["unique_graphs"],
+        "graph_breaks": sum(counters["graph_break"].values()),
         "lm_share_of_flops": lm_share(shapes, batch, inputs["instruct"]["input_ids"].shape[1]),
         "settings": rows,
     }
     print(format_bench(result))
     if out:
-        path = Path(out) / f"bench-{preset}-b{batch}-{result['device'].replace(' ', '_').replace(',', '')}.json"
+        compiled_as = "" if compile == "none" else f"-compile-{compile}"
+        device_name = result["device"].replace(" ", "_").replace(",", "")
+        path = Path(out) / f"bench-{preset}-b{batch}{compiled_as}-{device_name}.json"
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(result, indent=2))
         print(f"recorded {path}")
     return result
+
+
+def compiled(model, mode: str):
+    """What the bench calls: the model itself, `torch.compile(model)`, or the model with each repeated
+    block compiled in place (`sts.compile_layers`)."""
+    torch._dynamo.config.recompile_limit = 64  # each setting trains other parts, at other lengths: its own graphs
+    if mode == "whole":
+        return torch.compile(model)
+    return sts.compile_layers(model) if mode == "regional" else model
 
 
 def lm_share(shapes: Shapes, batch: int, length: int) -> float:
@@ -213,6 +250,11 @@ def format_bench(result: dict) -> str:
         f"{result['sequence_tokens']['align']}/{result['sequence_tokens']['instruct']} tokens in align/instruct, "
         f"{result['decoder_layers']} decoder layers, {result['date']})"
     )
+    if result["compile"] != "none":
+        head += (
+            f"\ncompiled ({result['compile']}): {result['compiled_graphs']} graphs, "
+            f"{result['graph_breaks']} graph breaks, {result['warmup_seconds']:.0f} s of warm-up"
+        )
     lines = [head, f"{'setting':<26}{'steps/s':>9}{'tokens/s':>11}{'peak GB':>9}{'speedup':>9}{'ideal':>8}{'ratio':>7}"]
     for name, row in result["settings"].items():
         peak = f"{row['peak_memory_gb']:.1f}" if row["peak_memory_gb"] else "n/a"

@@ -120,6 +120,7 @@ def cmd_bench(args) -> None:
         layers=args.layers,
         settings=args.settings.split(",") if args.settings else None,
         out=args.out,
+        compile=args.compile,
     )
 
 
@@ -237,6 +238,12 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--layers", type=at_least(1), help="decoder layers (default: the preset's own, 32 for the 7B)")
     bench.add_argument("--settings", help="comma-separated subset of the settings")
     bench.add_argument("--out", default="benchmarks/results", help="folder for the JSON record")
+    bench.add_argument(
+        "--compile",
+        default="none",
+        choices=["none", "whole", "regional"],
+        help="torch.compile the whole model, or each repeated block in place (regional)",
+    )
     bench.set_defaults(run=cmd_bench)
 
     pretrain = commands.add_parser("pretrain-base", help="re-create the tiny model's shipped base weights")

@@ -1,0 +1,47 @@
+#!/usr/bin/env bash
+# The whole GPU check, in one call of under 8 minutes on one H100 or H200. Through the device
+# tool (its machine has torch, transformers, accelerate and peft, but not pydantic):
+#
+#   here, once:  echo /.whl/ >> .git/info/exclude
+#                python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 \
+#                  --implementation cp --platform manylinux_2_17_x86_64 -d .whl \
+#                  pydantic pydantic-core annotated-types typing-inspection
+#   run:         bash benchmarks/gpu.sh        (carry: .whl)
+#
+# Writes its records under $OUT (the device tool's) or benchmarks/results/gpu-<date>/, each
+# with the device and date: proportional attention's cost per kernel, `sts bench` at LLaVA-1.5-7B
+# shapes (batch 8 and 16), the same compiled layer by layer, and `tests/test_gpu.py`: FSDP2 (and
+# ZeRO-3 where DeepSpeed is installed) through `sts train` on one GPU with the skipper on, on
+# NCCL, never gathering a skipped layer; proportional attention on SDPA and FlexAttention.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT=${OUT:-benchmarks/results/gpu-$(date +%F)}
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1 PYTHONPATH=src
+if [ -d .whl ]; then
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
+    export PYTHONPATH=/tmp/site:src
+fi
+started=$SECONDS
+step() {  # step NAME SECONDS COMMAND...: one part, bounded, its output kept; a failure does not stop the rest
+    local name=$1 limit=$2
+    shift 2
+    echo "== $name (at $((SECONDS - started)) s)"
+    timeout "$limit" "$@" 2>&1 | grep -v "it/s]" | tee "$OUT/$name.log"
+    echo "== $name: exit ${PIPESTATUS[0]}"
+}
+
+{
+    nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+    python3 -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__)"
+    date -u +%FT%TZ
+} | tee "$OUT/device.txt"
+
+# Each step is bounded so that the whole stays under 8 minutes (about 7.6 with the machine's start).
+step attention 45 python3 benchmarks/attention.py --batch 16 --heads 32 --length 1024 --head-dim 128 --out "$OUT"
+step bench-b8 100 python3 -m sts.cli bench --preset llava-1.5-7b --batch 8 --steps 5 --warmup 2 --out "$OUT"
+step bench-b16 120 python3 -m sts.cli bench --preset llava-1.5-7b --batch 16 --steps 5 --warmup 2 --out "$OUT"
+step bench-b8-compiled 100 python3 -m sts.cli bench --preset llava-1.5-7b --batch 8 --steps 5 --warmup 3 \
+    --compile regional --settings align,align+vtc0.25,instruct,instruct+lds0.5 --out "$OUT"
+step gpu-tests 90 python3 -m pytest -q -p no:cacheprovider tests/test_gpu.py
+echo "== done in $((SECONDS - started)) s; records in $OUT"
