@@ -90,7 +90,7 @@ def test_a_compressed_step_compiles_with_a_break_at_the_cut_and_the_eager_loss(t
     # around it too). No graph per step: the draws, the keep ratio and the step stay outside the trace.
     assert compressed["breaks"] <= plain["breaks"] + 3
     assert compressed["graphs"] <= plain["graphs"] + 1
-    assert compressed["graphs_per_step"][0] == compressed["graphs"]
+    assert compressed["graphs_per_step"][1] == compressed["graphs"]  # none after the second step (5.0 recompiles once)
     assert compressed["losses"] == pytest.approx(run(tiny, COMPRESS, None)["losses"], abs=1e-5)
 
 

@@ -225,11 +225,12 @@ def test_skipping_a_layer_is_running_it_as_an_identity(family):
 
 
 def test_a_few_sts_train_steps_run(family, images, tmp_path):
+    """Both stages of the demo recipe, packed (the compressor in alignment, the skipper after)."""
     *_, folder = family
     steps = [
         f"stages.{i}.{key}={value}"
         for i in (0, 1)
-        for key, value in (("max_steps", 2), ("batch_size", 3), ("logging_steps", 1))
+        for key, value in (("max_steps", 2), ("batch_size", 3), ("logging_steps", 1), ("packing", "true"))
     ]
     assert (
         main(
@@ -324,3 +325,93 @@ def test_proportional_attention_as_a_key_bias_is_the_eager_mask_on_every_family(
     assert grads.keys() == eager_grads.keys()
     for name, grad in grads.items():
         assert torch.allclose(grad, eager_grads[name], atol=1e-5), name
+
+
+def trained_once(family, cfg: dict | None, attention: str = "sdpa", batch=None):
+    """Loss and gradients of one training forward and backward with STS `cfg` attached (None: the
+    plain model), on the family's batch or `batch`."""
+    model, family_batch = fresh(family)
+    batch = family_batch if batch is None else batch
+    model.set_attn_implementation(attention)
+    if cfg is None:
+        loss = model(**batch).loss
+        loss.backward()
+        return loss, {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+    sts.apply_sts(model, cfg)
+    sts.set_progress(model, 0, 10)
+    loss = model(**batch).loss
+    loss.backward()
+    return loss, {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+
+
+def assert_same_training(first, second, tolerance=1e-5):
+    (loss, grads), (other_loss, other_grads) = first, second
+    assert torch.allclose(loss, other_loss, atol=tolerance)
+    assert grads.keys() == other_grads.keys()
+    for name, grad in grads.items():
+        assert torch.allclose(grad, other_grads[name], atol=tolerance), name
+
+
+PACKED_SETTINGS = {
+    "full-tokens": {},
+    "uniform": {"vtc": {"strategy": "uniform", "keep_ratio": 0.5}},
+    "pool-proportional": {"vtc": {"strategy": "pool", "keep_ratio": 0.25, "proportional_attention": True}},
+    "pool-proportional-skipper": {
+        "vtc": {"strategy": "pool", "keep_ratio": 0.25, "proportional_attention": True},
+        "lds": {"alpha": 1.0, "epsilon": 0.0, "protect_first": 0, "protect_last": 1},
+    },
+}
+
+
+@pytest.mark.parametrize(
+    "setting, attention",
+    [(setting, "sdpa") for setting in PACKED_SETTINGS] + [("full-tokens", "eager"), ("pool-proportional", "eager")],
+)
+def test_a_packed_batch_trains_as_the_padded_batch(family, setting, attention):
+    """One padding-free row of samples (3-D positions on Qwen, DeepStack rows on Qwen3-VL) gives the
+    padded batch's loss and gradients."""
+    cfg = PACKED_SETTINGS[setting]
+    assert_same_training(trained_once(family, {**cfg, "pack": True}, attention), trained_once(family, cfg, attention))
+
+
+def test_a_packed_batch_reaches_the_language_model_as_one_row_of_real_tokens(family):
+    model, batch = fresh(family)
+    cfg = {"vtc": {"strategy": "uniform", "keep_ratio": 0.5}}
+    padded = language_model_inputs(model, batch, cfg)
+    packed = language_model_inputs(model, batch, {**cfg, "pack": True})
+    real = int(padded["attention_mask"].sum())
+    assert padded["inputs_embeds"].shape[0] == 3 and padded["inputs_embeds"].shape[1] * 3 > real
+    assert packed["inputs_embeds"].shape[:2] == (1, real)
+    assert packed["attention_mask"].shape == (1, 1, real, real)
+    assert packed["position_ids"].shape[-2:] == (1, real)
+
+
+def flattened(batch: dict) -> dict:
+    """The batch as a flattening collator (transformers' DataCollatorWithFlattening) makes it: one row
+    of every sample's tokens, position ids restarting at 0, each sample's first label ignored; no KV
+    cache (transformers tells packed samples apart only without one)."""
+    real = batch["attention_mask"].bool()
+    labels = batch["labels"].clone()
+    labels[:, 0] = IGNORE_INDEX
+    positions = torch.cat([torch.arange(int(n)) for n in real.sum(1)])
+    rest = {k: v for k, v in batch.items() if k not in ("input_ids", "attention_mask", "labels")}
+    return {
+        **rest,
+        "input_ids": batch["input_ids"][real][None],
+        "labels": labels[real][None],
+        "position_ids": positions[None],
+        "use_cache": False,
+    }
+
+
+@pytest.mark.parametrize("setting", ["uniform", "pool-proportional"])
+def test_a_flattening_collators_batch_is_cut_per_sample(family, setting):
+    """A batch a flattening collator packed keeps its samples apart through the cut (whose position
+    gaps transformers would read as sample boundaries): the padded batch's loss and gradients."""
+    model, batch = fresh(family)
+    if model.config.model_type.startswith("qwen"):
+        pytest.skip("Qwen's M-RoPE positions of a flattened batch are the collator's to compute")
+    plain = trained_once(family, None, batch=flattened(batch))
+    assert_same_training(plain, trained_once(family, None))  # the flattened batch is the same samples
+    cfg = PACKED_SETTINGS[setting]
+    assert_same_training(trained_once(family, cfg, batch=flattened(batch)), trained_once(family, cfg))

@@ -10,7 +10,7 @@ import sts
 from sts.cli.data.collate import Collator
 from sts.cli.data.dataset import LlavaDataset
 from sts.cli.models.tiny import build_model
-from sts.compat import enable_activation_checkpointing
+from sts.compat import set_activation_checkpointing
 from sts.config import LDSConfig
 from sts.lds import draw_skips, skip_probability
 from tests.conftest import TEST_SIZES
@@ -116,7 +116,7 @@ def loss_and_grads(model, batch):
 
 def test_gradient_checkpointing_gives_the_same_loss_and_gradients(model, batch):
     checkpointed = copy.deepcopy(model)
-    enable_activation_checkpointing(checkpointed)
+    set_activation_checkpointing(checkpointed)
     results = []
     for m in (model, checkpointed):
         sts.apply_sts(m, {"lds": {"alpha": 0.6}})

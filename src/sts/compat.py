@@ -25,9 +25,13 @@ def checkpointing_arguments(enabled: bool) -> dict:
     return {prefix: enabled, f"{prefix}_kwargs": {"use_reentrant": False}}
 
 
-def enable_activation_checkpointing(model) -> None:
-    """A model's own activation checkpointing, without reentrant autograd (renamed like the argument)."""
-    if hasattr(model, "activation_checkpointing_enable"):
+def set_activation_checkpointing(model, enabled: bool = True) -> None:
+    """A model's own activation checkpointing on (without reentrant autograd) or off (the methods
+    were renamed like the argument)."""
+    renamed = hasattr(model, "activation_checkpointing_enable")
+    if not enabled:
+        (model.activation_checkpointing_disable if renamed else model.gradient_checkpointing_disable)()
+    elif renamed:
         model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     else:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})

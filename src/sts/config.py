@@ -40,7 +40,8 @@ class VTCConfig(Strict):
         default=False,
         description="in the language model's attention, a token counts as many image tokens as it "
         "stands for (a pooled token as its window), so attention's shares of image and text stay as with full "
-        "tokens; sends a 4D float mask, so it needs eager or SDPA attention, not FlashAttention",
+        "tokens: a log(size) key bias, a 4D float mask for eager attention, one more head dimension for any "
+        "other kernel (sts.attention)",
     )
 
     @field_validator("keep_ratio_schedule")
@@ -82,4 +83,9 @@ class STSConfig(Strict):
 
     vtc: VTCConfig | None = None
     lds: LDSConfig | None = None
+    pack: bool = Field(
+        default=False,
+        description="hand the language model the batch's samples as one padding-free row after the cut "
+        "(varlen kernels get their cumulative lengths, others a block-diagonal mask)",
+    )
     seed: int = 0

@@ -21,10 +21,12 @@ import torch
 from sts.adapters import get_adapter
 from sts.adapters.base import Adapter
 from sts.attention import install as install_key_bias
+from sts.attention import key_bias as proportional_key_bias
 from sts.config import STSConfig
 from sts.cut import IGNORE_INDEX, Cut, cut_batch
 from sts.draws import seeded_coin
 from sts.lds import draw_skips
+from sts.pack import Packing, is_flattened, pack, sample_ids
 
 STATE = "_sts_state"
 FULL_TOKENS_DRAW = -1  # the seed part that gives the per-step full-token coin a stream of its own
@@ -136,7 +138,7 @@ class ForwardPlan:
 
     def __init__(self):
         self.contexts = contextlib.ExitStack()
-        self.compressing, self.fused = False, False
+        self.fused = False
         self.labels: torch.Tensor | None = None
         self.cut: PendingCut | None = None
 
@@ -168,14 +170,14 @@ def begin_forward(state: STSState, kwargs: dict) -> ForwardPlan:
             input_seq_len=input_ids.shape[1],
             lm_seq_len=input_ids.shape[1],
         )
-    plan.compressing = state.vtc_active() and input_ids is not None and state.stats["visual_tokens_in"] > 0
+    compressing = state.vtc_active() and input_ids is not None and state.stats["visual_tokens_in"] > 0
     # A fused LM head (TRL's `fused_lm_head=True`) scores the labels inside the forward: they stay
     # in the call and are cut in place with the sequence. Otherwise STS computes the loss itself.
     plan.fused = bool(kwargs.get("fused_lm_head"))
-    if plan.compressing:
+    if compressing or state.cfg.pack:
         plan.labels = kwargs.get("labels") if plan.fused else whole_sequence_labels(kwargs)
-        features = plan.contexts.enter_context(capture_features(state.adapter))
-        state.pending = plan.cut = PendingCut(state, kwargs, plan.labels, features, in_place=plan.fused)
+        features = plan.contexts.enter_context(capture_features(state.adapter)) if compressing else None
+        state.pending = plan.cut = PendingCut(state, kwargs, plan.labels, features, plan.fused, state.cfg.pack)
         plan.contexts.callback(setattr, state, "pending", None)
     skipped = state.layers_to_skip()
     if skipped:
@@ -188,11 +190,14 @@ def whole_sequence_labels(kwargs: dict) -> torch.Tensor | None:
     """The labels, taken out of the model's inputs, over the whole sequence. ms-swift passes labels
     of only the last `logits_to_keep` positions (to save the head's work): they are aligned with the
     whole sequence, and the cut sequence is then scored whole."""
-    labels, length = kwargs.pop("labels", None), kwargs["input_ids"].shape[-1]
-    if labels is None or not kwargs.get("logits_to_keep") or labels.shape[-1] >= length:
+    labels, input_ids = kwargs.pop("labels", None), kwargs.get("input_ids")
+    if labels is None or input_ids is None or not kwargs.get("logits_to_keep"):
+        return labels
+    missing = input_ids.shape[-1] - labels.shape[-1]
+    if missing <= 0:
         return labels
     kwargs.pop("logits_to_keep")
-    return torch.nn.functional.pad(labels, (length - labels.shape[-1], 0), value=IGNORE_INDEX)
+    return torch.nn.functional.pad(labels, (missing, 0), value=IGNORE_INDEX)
 
 
 @torch.compiler.disable
@@ -208,13 +213,13 @@ def end_forward(model, state: STSState, plan: ForwardPlan, kwargs: dict, output)
         )
     state.history.append(dict(state.stats))
     state.window.add(state.stats)
-    if plan.compressing and plan.cut.result is None:
+    if plan.cut is not None and not plan.cut.ran:
         raise RuntimeError(
             "sts: the language model ran without STS's cut: was the model compiled before sts.apply_sts? "
             "Attach STS first (torch.compile never sees hooks added later), or compile its layers instead"
         )
-    if plan.compressing and plan.labels is not None and not plan.fused:
-        output = with_loss(model, output, plan.cut.result.pick(plan.labels, IGNORE_INDEX), kwargs)
+    if plan.cut is not None and plan.labels is not None and not plan.fused:
+        output = with_loss(model, output, plan.cut.cut_labels(plan.labels), kwargs)
     return output
 
 
@@ -292,19 +297,29 @@ def capture_features(adapter: Adapter):
 
 
 class PendingCut:
-    """A compressed forward's cut: what it needs, and its result once the language model was called."""
+    """What a forward does to the language model's sequence (the cut, packing or both), what that
+    needs, and, once the language model was called, what was done."""
 
-    def __init__(self, state: STSState, inputs: dict, labels: torch.Tensor | None, features: dict, in_place: bool):
-        self.inputs, self.labels, self.features, self.in_place = inputs, labels, features, in_place
-        self.keep_ratio = state.cfg.vtc.keep_ratio_at(state.progress)
+    def __init__(self, state: STSState, inputs: dict, labels, features: dict | None, in_place: bool, pack: bool):
+        self.inputs, self.labels, self.features, self.in_place, self.pack = inputs, labels, features, in_place, pack
+        self.compressing = features is not None
+        self.keep_ratio = state.cfg.vtc.keep_ratio_at(state.progress) if self.compressing else 1.0
         self.draw = (state.cfg.seed, state.step, state.micro_batch)
+        self.ran = False
         self.result: Cut | None = None
+        self.packing: Packing | None = None
+
+    def cut_labels(self, labels: torch.Tensor) -> torch.Tensor:
+        """The labels of the sequence the language model read: cut, then packed, as the tokens were."""
+        if self.result is not None:
+            labels = self.result.pick(labels, IGNORE_INDEX)
+        return labels if self.packing is None else self.packing.labels(labels, IGNORE_INDEX)
 
 
 def cut_at_language_model(state: STSState):
-    """The language model's pre-hook while STS is attached: in a compressed forward, cut the sequence
-    where the language model receives it. One hook for the model's life, never one per forward:
-    `torch.compile` does not guard on a module's hooks, so a compiled forward keeps calling this one."""
+    """The language model's pre-hook while STS is attached: in a compressed or packed forward, reshape
+    the sequence where the language model receives it. One hook for the model's life, never one per
+    forward: `torch.compile` does not guard on a module's hooks, so a compiled forward keeps calling it."""
 
     def hook(module, args, kwargs):
         if state.pending is None:  # traced under torch.compile: a guard, no graph break
@@ -316,22 +331,28 @@ def cut_at_language_model(state: STSState):
 
 @torch.compiler.disable  # under torch.compile(model): the cut runs eagerly, one graph break
 def cut_pending(state: STSState, args: tuple, kwargs: dict):
-    """Cut the pending forward's sequence; `in_place`: the caller's labels tensor becomes the cut labels
-    too, for a head that reads them."""
-    pending = state.pending
-    pending.result, kwargs, kept_visual = cut_batch(
-        state.cfg.vtc,
-        state.adapter,
-        pending.keep_ratio,
-        pending.draw,
-        pending.inputs,
-        pending.labels,
-        pending.features,
-        kwargs,
-    )
-    state.stats.update(visual_tokens_kept=kept_visual, lm_seq_len=pending.result.length)
+    """Cut and/or pack the pending forward's sequence; `in_place`: the caller's labels tensor becomes
+    the language model's labels too, for a head that reads them."""
+    pending, adapter = state.pending, state.adapter
+    embeds, mask = kwargs["inputs_embeds"], kwargs.get("attention_mask")
+    batch, length = embeds.shape[:2]
+    # Which sample each position is: needed to pack, or to keep a flattened batch's samples apart.
+    samples = sample_ids(kwargs, mask, batch, length) if pending.pack or (mask is None and batch == 1) else None
+    key_bias = None
+    if pending.compressing:
+        vtc = state.cfg.vtc
+        pending.result, kwargs, kept_visual = cut_batch(
+            vtc, adapter, pending.keep_ratio, pending.draw, pending.inputs, pending.labels, pending.features, kwargs
+        )
+        samples = None if samples is None else pending.result.pick(samples, -1)
+        state.stats.update(visual_tokens_kept=kept_visual, lm_seq_len=pending.result.length)
+        if vtc.proportional_attention and adapter.attention() == "eager":
+            key_bias = proportional_key_bias(pending.result.sizes)
+    if samples is not None and (pending.pack or is_flattened(samples)):
+        kwargs, pending.packing = pack(kwargs, samples, adapter.attention(), adapter.sequence_kwargs, key_bias)
+    pending.ran = True
     if pending.in_place and pending.labels is not None:
-        pending.labels.set_(pending.result.pick(pending.labels, IGNORE_INDEX))
+        pending.labels.set_(pending.cut_labels(pending.labels))
     return args, kwargs
 
 

@@ -24,6 +24,7 @@ import sts
 from sts.adapters import get_adapter
 from sts.cli.flops import Shapes, train_step_flops
 from sts.cli.presets import preset_config
+from sts.compat import set_activation_checkpointing
 
 ALIGN = {"vision_tower": "frozen", "projector": "full", "language_model": "frozen"}
 INSTRUCT = {"vision_tower": "frozen", "projector": "full", "language_model": "full"}
@@ -117,7 +118,12 @@ def run_bench(
     settings: list[str] | None = None,
     out: str | Path | None = "benchmarks/results",
     compile: str = "none",
+    optimizer: str = "adamw",
+    checkpointing: bool = True,
 ) -> dict:
+    """Time every setting (see the module's docstring); `optimizer` adamw (fused on a GPU) or sgd
+    (stateless, as the records before 2026-11-28); `checkpointing`: activations checkpointed in
+    instruction tuning, as the shipped recipes do."""
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     config, text_tokens = preset_config(preset, layers)
@@ -133,15 +139,23 @@ def run_bench(
     adapter = get_adapter(model)
     runner = compiled(model, compile)
 
+    optimizers = {}  # one per stage: its settings train the same parameters, so they share its state
+
     def train_as(setting: Setting) -> torch.optim.Optimizer:
-        """Make the setting's parts trainable, attach its STS; its optimizer."""
+        """Make the setting's parts trainable, checkpoint activations as the shipped recipes do (in
+        instruction tuning), attach its STS; its stage's optimizer."""
         adapter.set_trainable(setting.parts)
+        set_activation_checkpointing(model, checkpointing and setting.stage == "instruct")
         if setting.sts is not None:
             sts.apply_sts(model, setting.sts)
-        trainable = [p for p in model.parameters() if p.requires_grad]
-        return torch.optim.SGD(trainable, lr=1e-6)  # stateless: the same memory for every setting
+        if setting.stage not in optimizers:
+            trainable = [p for p in model.parameters() if p.requires_grad]
+            fused = {"fused": True} if device.type == "cuda" and optimizer == "adamw" else {}
+            make = torch.optim.AdamW if optimizer == "adamw" else torch.optim.SGD
+            optimizers[setting.stage] = make(trainable, lr=1e-6, **fused)
+        return optimizers[setting.stage]
 
-    def one_step(setting: Setting, optimizer, step: int, record: Record) -> float:
+    def one_step(setting: Setting, stepper: torch.optim.Optimizer, step: int, record: Record) -> float:
         if setting.sts is not None:
             sts.set_progress(model, max(step, 0), steps)  # LDS sees a whole run's schedule over the timed steps
         if device.type == "cuda":
@@ -149,8 +163,8 @@ def run_bench(
         batch_inputs = inputs[setting.stage]
         with Timer(device) as timer:
             runner(**batch_inputs).loss.backward()
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
+            stepper.step()
+            stepper.zero_grad(set_to_none=True)
         if step < 0:  # warm-up
             return timer.seconds
         length, layers_run = batch_inputs["input_ids"].shape[1], shapes.text_layers
@@ -173,9 +187,9 @@ def run_bench(
     if compile == "whole":
         for setting in tqdm(chosen, desc=f"bench {preset} (compiled whole)"):
             torch._dynamo.reset()
-            optimizer = train_as(setting)
+            stepper = train_as(setting)
             for step in range(-warmup, steps):
-                seconds = one_step(setting, optimizer, step, records[setting.name])
+                seconds = one_step(setting, stepper, step, records[setting.name])
                 warmup_seconds += seconds if step < 0 else 0.0
             sts.remove_sts(model)  # a no-op for an unpatched setting
     else:
@@ -212,6 +226,8 @@ def run_bench(
         "steps": steps,
         "warmup": warmup,
         "compile": compile,
+        "optimizer": optimizer,
+        "activation_checkpointing": "instruct" if checkpointing else "none",
         "warmup_seconds": warmup_seconds,  # compiling happens here
         "compiled_graphs": counters["stats"]["unique_graphs"],
         "graph_breaks": sum(counters["graph_break"].values()),
@@ -248,7 +264,8 @@ def format_bench(result: dict) -> str:
     head = (
         f"sts bench {result['preset']} on {result['device']} ({result['dtype']}, batch {result['batch']}, "
         f"{result['sequence_tokens']['align']}/{result['sequence_tokens']['instruct']} tokens in align/instruct, "
-        f"{result['decoder_layers']} decoder layers, {result['date']})"
+        f"{result['decoder_layers']} decoder layers, {result['optimizer']}, activation checkpointing: "
+        f"{result['activation_checkpointing']}, {result['date']})"
     )
     if result["compile"] != "none":
         head += (

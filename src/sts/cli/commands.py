@@ -121,6 +121,8 @@ def cmd_bench(args) -> None:
         settings=args.settings.split(",") if args.settings else None,
         out=args.out,
         compile=args.compile,
+        optimizer=args.optimizer,
+        checkpointing=not args.no_checkpointing,
     )
 
 
@@ -243,6 +245,12 @@ def build_parser() -> argparse.ArgumentParser:
         default="none",
         choices=["none", "whole", "regional"],
         help="torch.compile the whole model, or each repeated block in place (regional)",
+    )
+    bench.add_argument("--optimizer", default="adamw", choices=["adamw", "sgd"], help="adamw is fused on a GPU")
+    bench.add_argument(
+        "--no-checkpointing",
+        action="store_true",
+        help="no activation checkpointing (default: in instruction tuning, as the shipped recipes)",
     )
     bench.set_defaults(run=cmd_bench)
 

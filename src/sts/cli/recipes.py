@@ -100,6 +100,11 @@ class StageConfig(Strict):
         description="batches of records of similar length (counted "
         "from their text and image count, without encoding): less padding",
     )
+    packing: bool = Field(
+        default=False,
+        description="the language model reads each batch as one padding-free row of its samples, after "
+        "the cut (STS's pack)",
+    )
     report_to: list[str] = Field(default=["none"], description="the Trainer's loggers, e.g. [tensorboard] or [wandb]")
     save_steps: int = Field(default=0, ge=0, description="save a resumable checkpoint every N steps; 0: none")
     save_total_limit: int | None = Field(default=None, ge=1, description="keep only the newest N checkpoints")
@@ -238,7 +243,7 @@ class RecipeConfig(Strict):
         else the recipe's block if its `stages:` name this stage."""
         vtc = stage.vtc or (self.vtc if self.vtc and stage.name in self.vtc.stages else None)
         lds = stage.lds or (self.lds if self.lds and stage.name in self.lds.stages else None)
-        return STSConfig(vtc=vtc, lds=lds, seed=self.seed)
+        return STSConfig(vtc=vtc, lds=lds, pack=stage.packing, seed=self.seed)
 
     def data_for(self, stage: StageConfig) -> DataConfig:
         return stage.data or self.data
