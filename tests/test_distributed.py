@@ -154,3 +154,13 @@ def test_engines_that_cannot_run_here_are_refused_in_one_line(monkeypatch):
     monkeypatch.setattr("importlib.util.find_spec", lambda name: None)
     with pytest.raises(ConfigError, match="needs DeepSpeed"):
         engine_arguments("zero3", None, model, unused_parameters=False)
+
+
+def test_an_engine_applies_to_a_launched_process_even_alone(monkeypatch):
+    """Without a launcher a run is plain; torchrun's one process gets the engine (FSDP on one GPU)."""
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    model = build_model(SIZES, seed=0, base=False)
+    assert "fsdp" not in engine_arguments("fsdp", None, model, unused_parameters=False)
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    assert engine_arguments("fsdp", None, model, unused_parameters=False)["fsdp_config"]["version"] == 2

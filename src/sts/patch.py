@@ -4,7 +4,9 @@ the per-forward state, the hooks and the stats; what is cut is `sts.cut`'s, what
 The model's `forward` is replaced on the instance (no new parent modules, so state-dict keys
 never change). In `model.eval()` the original forward runs untouched. In training the model
 still runs its own forward: the compressor cuts the sequence where the language model receives
-it (a pre-hook, for that one forward), and skipped layers are identities for that forward.
+it (a pre-hook registered for as long as STS is attached, acting on the forward's pending cut;
+packing, `sts.pack`, happens there too), and skipped layers are identities for that forward.
+Under `torch.compile` STS's own Python runs eagerly and only the model's forward is traced.
 Everything STS needs to know about training progress comes from `set_progress`; nothing here
 logs or does I/O.
 """
@@ -133,8 +135,9 @@ def apply_sts(model, cfg: STSConfig | dict):
 
 
 class ForwardPlan:
-    """What STS does around one training forward: its contexts (features captured, the cut's
-    pre-hook, skipped layers), entered before the model's forward and closed after it."""
+    """What STS does around one training forward: its contexts (features captured, the pending cut
+    the language model's pre-hook reads, skipped layers), entered before the model's forward and
+    closed after it."""
 
     def __init__(self):
         self.contexts = contextlib.ExitStack()
@@ -149,8 +152,8 @@ class ForwardPlan:
 
 @torch.compiler.disable
 def begin_forward(state: STSState, kwargs: dict) -> ForwardPlan:
-    """Record the batch, draw this forward's skips, decide whether it is compressed and enter the
-    plan's contexts; `kwargs` (the model's inputs) is edited in place."""
+    """Record the batch, draw this forward's skips, decide whether it is compressed (or packed) and
+    enter the plan's contexts; `kwargs` (the model's inputs) is edited in place."""
     plan = ForwardPlan()
     input_ids = kwargs.get("input_ids")
     state.stats = {

@@ -20,6 +20,12 @@ def world_size() -> int:
     return int(os.environ.get("WORLD_SIZE", 1))
 
 
+def launched() -> bool:
+    """Started by a launcher (torchrun, accelerate launch, deepspeed), even as its only process: an
+    engine (FSDP, ZeRO) then runs on one GPU too."""
+    return "WORLD_SIZE" in os.environ
+
+
 def is_main() -> bool:
     return rank() == 0
 

@@ -201,7 +201,7 @@ class RecipeConfig(Strict):
         default="ddp",
         description="how the processes of a torchrun / accelerate launch share the work: ddp "
         "replicates the model; fsdp shards it per decoder layer (FSDP2); zero2 / zero3: DeepSpeed ZeRO with the "
-        "shipped config (or deepspeed_config). One process: plain training",
+        "shipped config (or deepspeed_config). A process no launcher started: plain training",
     )
     deepspeed_config: str | None = Field(
         default=None, description="a DeepSpeed JSON for zero2 / zero3 instead of the shipped one"

@@ -23,7 +23,7 @@ from sts.callback import STSCallback
 from sts.cli.checkpoints import load_model, load_model_and_processor
 from sts.cli.data.collate import Collator
 from sts.cli.data.dataset import LlavaDataset
-from sts.cli.distributed import world_size
+from sts.cli.distributed import launched
 from sts.cli.meters import PeakMemory, StepMeter
 from sts.cli.models import tiny
 from sts.cli.recipe_trainer import RecipeTrainer
@@ -72,11 +72,12 @@ def training_arguments(stage: StageConfig, output_dir: Path, seed: int, **engine
 
 
 def engine_arguments(engine: str, deepspeed_config: str | None, model, unused_parameters: bool) -> dict:
-    """TrainingArguments for `engine` (ddp | fsdp | zero2 | zero3; one process: plain). DDP walks the autograd graph
-    for parameters a step leaves without gradients only if some may be (`unused_parameters`);
+    """TrainingArguments for `engine` (ddp | fsdp | zero2 | zero3; plain in a process no launcher
+    started). DDP walks the autograd graph for parameters a step leaves without gradients only if
+    some may be (`unused_parameters`);
     FSDP2 shards each decoder layer on its own, so a skipped layer is never gathered."""
     arguments = {"use_cpu": not torch.cuda.is_available(), "ddp_find_unused_parameters": unused_parameters}
-    if world_size() == 1:
+    if not launched():
         return arguments
     if engine == "fsdp" and not torch.cuda.is_available():
         raise ConfigError("distributed: fsdp runs on GPUs (accelerate shards only there); on CPU use ddp")
