@@ -110,6 +110,7 @@ def train_fsdp(out: Path, data: str, steps: int, accumulation: int, skipper: boo
         sts.remove_sts(model)
         model.save_pretrained(out / "model", state_dict=weights)
     if world_size() > 1:
+        dist.barrier()  # no rank tears gloo down while another still saves (a rare abort at exit)
         dist.destroy_process_group()
 
 
