@@ -10,7 +10,8 @@
 #
 # Writes its records under $OUT (the device tool's) or benchmarks/results/gpu-<date>/, each
 # with the device and date: proportional attention's cost per kernel, `sts bench` at LLaVA-1.5-7B
-# shapes (batch 8 and 16), the same compiled layer by layer, and `tests/test_gpu.py`: FSDP2 (and
+# shapes (batch 8 and 16; SDPA padded, FlexAttention packed), LLaVA-NeXT-7B (anyres) and
+# Qwen2.5-VL-7B shapes, and `tests/test_gpu.py`: FSDP2 (and
 # ZeRO-3 where DeepSpeed is installed) through `sts train` on one GPU with the skipper on, on
 # NCCL, never gathering a skipped layer; proportional attention on SDPA and FlexAttention.
 set -uo pipefail
@@ -37,11 +38,20 @@ step() {  # step NAME SECONDS COMMAND...: one part, bounded, its output kept; a 
     date -u +%FT%TZ
 } | tee "$OUT/device.txt"
 
-# Each step is bounded so that the whole stays under 8 minutes (about 7.6 with the machine's start).
-step attention 45 python3 benchmarks/attention.py --batch 16 --heads 32 --length 1024 --head-dim 128 --out "$OUT"
-step bench-b8 100 python3 -m sts.cli bench --preset llava-1.5-7b --batch 8 --steps 5 --warmup 2 --out "$OUT"
-step bench-b16 120 python3 -m sts.cli bench --preset llava-1.5-7b --batch 16 --steps 5 --warmup 2 --out "$OUT"
-step bench-b8-compiled 100 python3 -m sts.cli bench --preset llava-1.5-7b --batch 8 --steps 5 --warmup 3 \
-    --compile regional --settings align,align+vtc0.25,instruct,instruct+lds0.5 --out "$OUT"
-step gpu-tests 90 python3 -m pytest -q -p no:cacheprovider tests/test_gpu.py
+# Each step is bounded so that the whole stays under 8 minutes (465 s of steps). Lengths are drawn
+# LLaVA-665K-like (`sts.cli.synthetic`); SDPA runs padded batches (packing would materialise a mask),
+# FlexAttention packed ones (its block mask skips what crosses samples): the faster dense row of
+# each is that run's baseline. The 7B anyres and Qwen presets run fewer layers to fit the time.
+KEY=align,align+packed,align+vtc0.25,instruct,instruct+packed,instruct+pool0.25,instruct+pool0.25+lds0.5
+step attention 35 python3 benchmarks/attention.py --batch 16 --heads 32 --length 1024 --head-dim 128 --out "$OUT"
+step bench-b8-sdpa 85 python3 -m sts.cli bench --preset llava-1.5-7b --batch 8 --steps 4 --warmup 2 --out "$OUT"
+step bench-b8-flex-packed 85 python3 -m sts.cli bench --preset llava-1.5-7b --batch 8 --steps 4 --warmup 2 \
+    --attention flex_attention --settings "$KEY" --out "$OUT"
+step bench-b16-sdpa 65 python3 -m sts.cli bench --preset llava-1.5-7b --batch 16 --layers 16 --steps 4 --warmup 2 \
+    --settings "$KEY" --out "$OUT"
+step bench-next-b8-sdpa 65 python3 -m sts.cli bench --preset llava-next-7b --batch 8 --layers 12 --steps 3 --warmup 2 \
+    --settings "$KEY" --out "$OUT"
+step bench-qwen-b8-sdpa 55 python3 -m sts.cli bench --preset qwen2.5-vl-7b --batch 8 --layers 14 --steps 4 --warmup 2 \
+    --settings "$KEY" --out "$OUT"
+step gpu-tests 75 python3 -m pytest -q -p no:cacheprovider tests/test_gpu.py
 echo "== done in $((SECONDS - started)) s; records in $OUT"

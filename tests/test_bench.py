@@ -1,32 +1,93 @@
 import json
+import statistics
+
+import pytest
+import torch
+from transformers import AutoModelForImageTextToText
 
 from sts.cli.bench import SETTINGS, run_bench
-from sts.cli.flops import Shapes
-from sts.cli.presets import preset_config
+from sts.cli.commands import BENCH_PRESETS
+from sts.cli.flops import Shapes, samples_step_flops, train_step_flops
+from sts.cli.presets import PRESETS, preset
+from sts.cli.synthetic import LLAVA_LENGTHS, ImageLayout, draw_samples, synthetic_batch, visual_tokens
 
 
-def test_bench_times_every_setting_and_records_json(tmp_path):
-    result = run_bench("tiny", steps=2, warmup=1, batch=2, out=tmp_path)
+def test_bench_times_every_setting_against_the_fastest_dense_batch_and_records_json(tmp_path):
+    result = run_bench("tiny", steps=2, warmup=1, batch=2, out=tmp_path, packing="on")
     recorded = json.loads(next(tmp_path.glob("bench-tiny-*.json")).read_text())
     assert recorded == json.loads(json.dumps(result))
     assert list(recorded["settings"]) == [s.name for s in SETTINGS]
-    rows = recorded["settings"]
-    assert rows["align"]["speedup"] == 1.0 and rows["instruct"]["speedup"] == 1.0
-    # Keeping a quarter of 64 visual tokens cuts the alignment step's FLOPs by more than a third.
+    rows, baselines = recorded["settings"], recorded["baselines"]
+    assert baselines["align"] in ("align", "align+packed") and baselines["instruct"] in ("instruct", "instruct+packed")
+    for stage, baseline in baselines.items():
+        dense = [rows[stage]["steps_per_s"], rows[f"{stage}+packed"]["steps_per_s"]]
+        assert rows[baseline]["steps_per_s"] == max(dense) and rows[baseline]["speedup"] == 1.0
+    assert rows["instruct+pool0.25"]["against"] == baselines["instruct"] and rows["instruct+pool0.25"]["packed"]
+    assert rows["instruct+sts-off"]["against"] == "instruct" and not rows["instruct+sts-off"]["packed"]
+    # Padding is no work: dense padded and packed batches do the same FLOPs.
+    assert rows["instruct"]["flops_ideal_speedup"] == rows["instruct+packed"]["flops_ideal_speedup"] == 1.0
     assert rows["align+vtc0.25"]["flops_ideal_speedup"] > 1.5
     assert rows["instruct+lds0.5"]["flops_ideal_speedup"] >= 1.0
     assert rows["instruct+pool0.25"]["flops_ideal_speedup"] > 1.5
-    assert rows["instruct+sts-off"]["flops_ideal_speedup"] == 1.0
     for row in rows.values():
         assert row["steps_per_s"] > 0 and row["speedup_over_ideal"] > 0
+    assert len(recorded["sample_tokens"]["instruct"]) == 3, "a batch of drawn lengths a round"
 
 
-def test_gpu_presets_have_the_published_widths():
-    seven_b, text_tokens = preset_config("llava-1.5-7b", layers=None)
-    assert text_tokens == {"align": 43, "instruct": 247}, "LLaVA-1.5's caption and conversation lengths"
-    shapes = Shapes.of(seven_b)
+def test_packing_is_on_only_where_the_kernel_skips_across_samples():
+    result = run_bench(
+        "tiny", steps=1, warmup=0, batch=2, out=None, settings=["align", "align+packed"], lengths="fixed"
+    )
+    assert result["attention"] == "sdpa" and not result["packing"] and list(result["settings"]) == ["align"]
+
+
+def test_sampled_lengths_keep_the_stage_mean_and_llava_665ks_text_only_share():
+    samples = draw_samples("instruct", 247, 20000, True, torch.Generator().manual_seed(0))
+    text_only = sum(not s.image for s in samples) / len(samples)
+    assert abs(text_only - LLAVA_LENGTHS["instruct"].text_only_share) < 0.01
+    assert abs(statistics.mean(s.text for s in samples) / 247 - 1) < 0.05
+    assert statistics.pstdev(s.text for s in samples) > 100, "a spread, not one length"
+    fixed = draw_samples("instruct", 247, 4, False, torch.Generator())
+    assert all(s.text == 247 and s.image for s in fixed)
+
+
+@pytest.mark.parametrize("name", ["tiny", "tiny-llava-next", "tiny-qwen2.5-vl"])
+def test_synthetic_batches_are_what_each_family_expects(name):
+    spec = preset(name)
+    layout = ImageLayout(spec.config, spec.image)
+    samples = draw_samples("instruct", 30, 16, True, torch.Generator().manual_seed(3))
+    assert any(not s.image for s in samples), "text-only samples beside images"
+    batch = synthetic_batch(layout, samples, torch.Generator().manual_seed(0))
+    image_tokens = (batch["input_ids"] == layout.image_token).sum(1).tolist()
+    assert image_tokens == visual_tokens(layout, samples)
+    model = AutoModelForImageTextToText.from_config(spec.config)
+    loss = model(**batch).loss  # the model's own check that its image features fill the image tokens
+    assert torch.isfinite(loss)
+
+
+def test_the_gpu_presets_have_the_published_widths():
+    assert BENCH_PRESETS == list(PRESETS)
+    seven_b = preset("llava-1.5-7b")
+    assert seven_b.text_tokens == {"align": 43, "instruct": 247}, "LLaVA-1.5's caption and conversation lengths"
+    shapes = Shapes.of(seven_b.config)
     assert (shapes.text_hidden, shapes.text_intermediate, shapes.text_layers) == (4096, 11008, 32)
     assert shapes.image_tokens == 576 and shapes.vision_hidden == 1024
-    half_b, _ = preset_config("llava-1.5-0.5b", layers=None)
-    shapes = Shapes.of(half_b)
+    shapes = Shapes.of(preset("llava-1.5-0.5b").config)
     assert (shapes.text_hidden, shapes.text_layers, shapes.text_kv_hidden) == (896, 24, 128)
+    next_7b = preset("llava-next-7b")
+    layout = ImageLayout(next_7b.config, next_7b.image)
+    assert (layout.tokens, layout.tower_images) == (2928, 5), "576 base + 48 rows of 48 tiles' tokens and a newline"
+    assert Shapes.of(next_7b.config).text_layers == 32
+    qwen = preset("qwen2.5-vl-7b", layers=4)
+    assert ImageLayout(qwen.config, qwen.image).tokens == 34 * 46 // 4
+    shapes = Shapes.of(qwen.config)
+    assert (shapes.text_hidden, shapes.text_layers, shapes.text_kv_hidden, shapes.vision_layers) == (3584, 4, 512, 0)
+
+
+def test_samples_flops_of_equal_lengths_are_the_padded_batchs():
+    shapes = Shapes.of(preset("llava-1.5-7b").config)
+    trains = {"vision_tower": False, "projector": True, "language_model": True}
+    padded = train_step_flops(shapes, 4, 800, 4, trains, 20)
+    assert samples_step_flops(shapes, [800] * 4, 4, trains, 20) == pytest.approx(padded)
+    shorter = sum(samples_step_flops(shapes, [200, 800, 800, 800], 4, trains).values())
+    assert shorter < sum(train_step_flops(shapes, 4, 800, 4, trains).values())

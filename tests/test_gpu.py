@@ -26,8 +26,9 @@ def test_an_engine_on_one_gpu_never_gathers_a_skipped_layer(engine, synth_data, 
     assert_only_layers_run_are_gathered(traces[0][2:])  # instruction tuning, after alignment's 2 steps
 
 
-@pytest.mark.parametrize("attention", ["sdpa", "flex_attention"])
-def test_proportional_attention_on_a_gpu_kernel_is_the_eager_mask(attention, synth_data, processor):
+@pytest.mark.parametrize("attention, pack", [("sdpa", False), ("flex_attention", False), ("flex_attention", True)])
+def test_proportional_attention_on_a_gpu_kernel_is_the_eager_mask(attention, pack, synth_data, processor):
+    """Padded, and packed into FlexAttention's block mask (which a CPU cannot build)."""
     from tests.test_callback import batch_of
 
     batch = {k: v.cuda() for k, v in batch_of(synth_data, processor, size=4).items()}
@@ -36,7 +37,8 @@ def test_proportional_attention_on_a_gpu_kernel_is_the_eager_mask(attention, syn
     for implementation in ("eager", attention):
         model = copy.deepcopy(base)
         model.set_attn_implementation(implementation)
-        sts.apply_sts(model, {"vtc": {"strategy": "pool", "keep_ratio": 0.25, "proportional_attention": True}})
+        vtc = {"strategy": "pool", "keep_ratio": 0.25, "proportional_attention": True}
+        sts.apply_sts(model, {"vtc": vtc, "pack": pack and implementation != "eager"})
         sts.set_progress(model, 0, 10)
         loss = model(**batch).loss
         loss.backward()

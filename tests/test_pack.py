@@ -1,8 +1,9 @@
 """`sts.pack`'s pieces on hand-made inputs (whole models packed: `test_families`)."""
 
 import torch
+from torch.nn.attention.flex_attention import BlockMask
 
-from sts.pack import Packing, is_flattened, packed_attention, sample_ids
+from sts.pack import Packing, document_block_mask, is_flattened, packed_attention, sample_ids
 
 EMBEDS = torch.zeros(2, 5, 4)
 
@@ -36,8 +37,21 @@ def test_other_kernels_get_a_block_diagonal_causal_mask():
     mask = packed_attention(packing, "sdpa", torch.float32)["attention_mask"][0, 0]
     expected = torch.tensor([[1, 0, 0, 0, 0], [1, 1, 0, 0, 0], [0, 0, 1, 0, 0], [0, 0, 1, 1, 0], [0, 0, 1, 1, 1]])
     assert torch.equal(mask, expected.bool())
-    eager = packed_attention(packing, "eager", torch.float32)["attention_mask"][0, 0]
-    assert torch.equal(eager == 0, expected.bool())  # additive: 0 where allowed, the dtype's min elsewhere
+    for additive in ("eager", "flex_attention"):  # FlexAttention on a CPU: both add a tensor mask to the scores
+        mask = packed_attention(packing, additive, torch.float32)["attention_mask"][0, 0]
+        assert torch.equal(mask == 0, expected.bool())  # 0 where allowed, the dtype's min elsewhere
+
+
+def test_flex_attentions_block_mask_skips_what_crosses_samples():
+    """What FlexAttention gets on a GPU (tests/test_gpu.py trains with it; on a CPU, the dense mask)."""
+    packing = Packing.of(torch.tensor([[0] * 200 + [-1] * 56, [1] * 256]))
+    mask = document_block_mask(packing.samples)
+    dense = packed_attention(packing, "sdpa", torch.float32)["attention_mask"]
+    assert isinstance(mask, BlockMask) and mask.shape == dense.shape
+    query, key = torch.meshgrid(torch.arange(456), torch.arange(456), indexing="ij")
+    assert torch.equal(mask.mask_mod(0, 0, query, key), dense[0, 0])
+    one_sample = document_block_mask(torch.zeros(456, dtype=torch.long))
+    assert mask.sparsity() > one_sample.sparsity()  # blocks across samples are never computed
 
 
 def test_each_samples_first_label_is_ignored_so_no_sample_predicts_the_next():

@@ -22,6 +22,7 @@ import torch
 from sts.attention import KEY_BIAS
 
 VARLEN_KERNELS = ("flash_attention_2", "flash_attention_3", "flash_attention_4")
+ADDITIVE_MASK_KERNELS = ("eager", "flex_attention")  # add a tensor mask to the scores (a boolean one would not mask)
 
 
 def sample_ids(lm_inputs: dict, attention_mask: torch.Tensor | None, batch: int, length: int) -> torch.Tensor:
@@ -92,9 +93,9 @@ def pack(lm_inputs: dict, samples: torch.Tensor, attention: str, sequence_kwargs
 
 
 def packed_attention(packing: Packing, attention: str, dtype: torch.dtype, key_bias=None) -> dict:
-    """Each sample attends only to itself: cumulative lengths for varlen kernels, else a block-diagonal
-    causal 4-D mask: boolean, or additive float for eager attention (which adds it to the scores),
-    with proportional attention's key bias where given."""
+    """Each sample attends only to itself: cumulative lengths for varlen kernels, FlexAttention's block
+    mask on a GPU, else a block-diagonal causal 4-D mask: boolean, or additive float for the kernels
+    that add a tensor mask to the scores, with proportional attention's key bias where given."""
     samples = packing.samples
     if attention in VARLEN_KERNELS:
         lengths = torch.bincount(samples - samples.min())
@@ -107,12 +108,27 @@ def packed_attention(packing: Packing, attention: str, dtype: torch.dtype, key_b
             "max_length_q": longest,
             "max_length_k": longest,
         }
+    if attention == "flex_attention" and key_bias is None and samples.device.type != "cpu":
+        # (on a CPU, torch 2.13's compiled FlexAttention fails to build this mask's kernel: a dense one there)
+        return {"attention_mask": document_block_mask(samples)}
     total = len(samples)
     allowed = (samples[:, None] == samples[None, :]) & torch.ones(total, total, dtype=torch.bool).tril().to(
         samples.device
     )
-    if key_bias is None and attention != "eager":
+    if key_bias is None and attention not in ADDITIVE_MASK_KERNELS:
         return {"attention_mask": allowed[None, None]}
     bias = torch.zeros(total, dtype=dtype, device=samples.device) if key_bias is None else packing.rows(key_bias)[0]
     bias = bias.to(dtype)
     return {"attention_mask": torch.where(allowed, bias[None, :], torch.finfo(dtype).min)[None, None]}
+
+
+def document_block_mask(samples: torch.Tensor):
+    """FlexAttention's block-sparse mask of packed samples: blocks that mix two samples are skipped,
+    not computed and masked, so packing costs no attention beyond each sample's own."""
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    def same_sample_causal(batch, head, query, key):
+        return (samples[query] == samples[key]) & (query >= key)
+
+    total = len(samples)
+    return create_block_mask(same_sample_causal, None, None, total, total, device=samples.device)

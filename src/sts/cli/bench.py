@@ -1,9 +1,13 @@
 """`sts bench`: training throughput at realistic shapes with random weights (no hub).
 
 Every setting is timed in one process, interleaved round by round, so that drift of the
-machine hits them alike. A step is forward, backward and the optimizer step. Speedup is
-baseline time / setting time; the FLOPs-ideal speedup comes from `sts.cli.flops` with the
-tokens and layers each step really ran, and their ratio says how close to ideal we are.
+machine hits them alike; each round's batch is the same for every setting. A step is forward,
+backward and the optimizer step. The baseline of a stage is its fastest dense setting: the
+plain padded batch, or packed (padding-free, `sts.pack` with nothing else enabled) where the
+attention kernel skips what crosses samples (FlashAttention's varlen, FlexAttention's block
+mask); STS settings pack there too. Speedup is baseline time / setting time; the FLOPs-ideal
+speedup comes from `sts.cli.flops` with the real tokens of each sample (padding is no work)
+and the layers each step ran, and their ratio says how close to ideal a setting is.
 """
 
 from __future__ import annotations
@@ -18,13 +22,16 @@ from pathlib import Path
 import torch
 from torch._dynamo.utils import counters
 from tqdm import tqdm
-from transformers import LlavaConfig, LlavaForConditionalGeneration
+from transformers import AutoModelForImageTextToText
+from transformers.utils import is_flash_attn_2_available
 
 import sts
 from sts.adapters import get_adapter
-from sts.cli.flops import Shapes, train_step_flops
-from sts.cli.presets import preset_config
+from sts.cli.flops import Shapes, samples_step_flops
+from sts.cli.presets import preset as load_preset
+from sts.cli.synthetic import ImageLayout, draw_samples, real_lengths, synthetic_batch, visual_tokens
 from sts.compat import set_activation_checkpointing
+from sts.pack import VARLEN_KERNELS
 
 ALIGN = {"vision_tower": "frozen", "projector": "full", "language_model": "frozen"}
 INSTRUCT = {"vision_tower": "frozen", "projector": "full", "language_model": "full"}
@@ -34,19 +41,28 @@ INSTRUCT = {"vision_tower": "frozen", "projector": "full", "language_model": "fu
 class Setting:
     name: str
     stage: str  # "align" (projector trains) or "instruct" (projector and language model train)
-    sts: dict | None  # None: the unpatched model; its speedup is against its stage's unpatched setting
+    sts: dict | None  # None: the unpatched model
+    dense: bool = False  # a candidate for its stage's baseline
+    packs: bool = True  # packed where the bench packs (sts-off measures attaching alone: never)
 
     @property
     def parts(self) -> dict:
         return ALIGN if self.stage == "align" else INSTRUCT
 
+    @property
+    def packed_dense(self) -> bool:
+        """The dense baseline packed by STS with nothing else enabled: only where the bench packs."""
+        return self.dense and self.sts is not None
+
 
 SETTINGS = [
-    Setting("align", "align", None),
+    Setting("align", "align", None, dense=True),
+    Setting("align+packed", "align", {}, dense=True),
     Setting("align+vtc0.25", "align", {"vtc": {"strategy": "uniform", "keep_ratio": 0.25}}),
-    Setting("instruct", "instruct", None),
+    Setting("instruct", "instruct", None, dense=True),
+    Setting("instruct+packed", "instruct", {}, dense=True),
     Setting("instruct+lds0.5", "instruct", {"lds": {"alpha": 0.5, "epsilon": 0.5}}),
-    # sts-max's instruction tuning: 2x2 pooling with proportional attention (a 4D float mask)
+    # sts-max's instruction tuning: 2x2 pooling with proportional attention
     Setting(
         "instruct+pool0.25",
         "instruct",
@@ -61,21 +77,17 @@ SETTINGS = [
             "lds": {"alpha": 0.5, "epsilon": 0.5},
         },
     ),
-    Setting("instruct+sts-off", "instruct", {}),  # apply_sts with nothing enabled: its overhead
+    Setting("instruct+sts-off", "instruct", {}, packs=False),  # apply_sts with nothing enabled: its overhead
 ]
 
 
-def synthetic_batch(config: LlavaConfig, batch: int, text_tokens: int, device) -> dict:
-    generator = torch.Generator().manual_seed(0)
-    vision = config.vision_config
-    image_tokens = (vision.image_size // vision.patch_size) ** 2
-    text = torch.randint(10, min(config.text_config.vocab_size, 30000), (batch, text_tokens), generator=generator)
-    ids = torch.cat([text[:, :1], torch.full((batch, image_tokens), config.image_token_index), text[:, 1:]], dim=1)
-    labels = torch.full_like(ids, -100)
-    labels[:, -text_tokens // 4 :] = ids[:, -text_tokens // 4 :]  # the answer: the last quarter of the text
-    pixels = torch.randn(batch, 3, vision.image_size, vision.image_size, generator=generator)
-    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels, "pixel_values": pixels}
-    return {k: v.to(device) for k, v in batch.items()}
+def fastest_attention() -> str:
+    return "flash_attention_2" if is_flash_attn_2_available() else "sdpa"
+
+
+def packs_well(attention: str) -> bool:
+    """Whether the kernel skips the work across packed samples (else packing would cost attention)."""
+    return attention in VARLEN_KERNELS or attention == "flex_attention"
 
 
 class Timer:
@@ -109,6 +121,29 @@ class Record:
     peak_bytes: int = 0
 
 
+@dataclass
+class Round:
+    """One round's batch of a stage: the inputs, and each sample's real and visual tokens."""
+
+    inputs: dict
+    lengths: list[int]
+    visual: list[int]
+    tower_images: int
+
+
+def build_rounds(layout: ImageLayout, stage: str, mean_text: int, batch: int, count: int, sampled: bool, device):
+    generator = torch.Generator().manual_seed(0 if stage == "align" else 1)
+    rounds = []
+    for _ in range(count if sampled else 1):  # fixed lengths: one batch serves every round
+        samples = draw_samples(stage, mean_text, batch, sampled, generator)
+        inputs = {k: v.to(device) for k, v in synthetic_batch(layout, samples, generator).items()}
+        images = sum(sample.image for sample in samples)
+        rounds.append(
+            Round(inputs, real_lengths(layout, samples), visual_tokens(layout, samples), images * layout.tower_images)
+        )
+    return rounds
+
+
 def run_bench(
     preset: str = "tiny",
     steps: int = 10,
@@ -120,21 +155,32 @@ def run_bench(
     compile: str = "none",
     optimizer: str = "adamw",
     checkpointing: bool = True,
+    lengths: str = "sampled",
+    attention: str | None = None,
+    packing: str = "auto",
 ) -> dict:
     """Time every setting (see the module's docstring); `optimizer` adamw (fused on a GPU) or sgd
     (stateless, as the records before 2026-11-28); `checkpointing`: activations checkpointed in
-    instruction tuning, as the shipped recipes do."""
+    instruction tuning, as the shipped recipes do; `lengths` fixed or sampled (`sts.cli.synthetic`);
+    `attention` a transformers kernel (default: FlashAttention-2 where installed, else SDPA);
+    `packing` on, off or auto (on where the kernel skips what crosses samples)."""
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    config, text_tokens = preset_config(preset, layers)
-    config.text_config._attn_implementation = config.vision_config._attn_implementation = "sdpa"
-    config.text_config.use_cache = False  # training keeps no KV cache (a compiled layer would guard on its state)
+    attention = attention or fastest_attention()
+    packed = packing == "on" or (packing == "auto" and packs_well(attention))
+    chosen = [s for s in SETTINGS if (settings is None or s.name in settings) and (packed or not s.packed_dense)]
+    spec = load_preset(preset, layers)
+    config = spec.config
+    config.get_text_config().use_cache = False  # training keeps no KV cache (a compiled layer would guard on it)
     torch.manual_seed(0)
     with torch.device(device):  # built where it runs: a 7B model's CPU init alone takes minutes
-        model = LlavaForConditionalGeneration(config).to(dtype=dtype).train()
-    shapes = Shapes.of(config)
-    inputs = {stage: synthetic_batch(config, batch, text, device) for stage, text in text_tokens.items()}
-    chosen = [s for s in SETTINGS if settings is None or s.name in settings]
+        model = AutoModelForImageTextToText.from_config(config, attn_implementation=attention)
+    model = model.to(dtype=dtype).train()
+    shapes, layout = Shapes.of(config), ImageLayout(config, spec.image)
+    rounds = {
+        stage: build_rounds(layout, stage, text, batch, warmup + steps, lengths == "sampled", device)
+        for stage, text in spec.text_tokens.items()
+    }
     records = {s.name: Record() for s in chosen}
     adapter = get_adapter(model)
     runner = compiled(model, compile)
@@ -147,7 +193,7 @@ def run_bench(
         adapter.set_trainable(setting.parts)
         set_activation_checkpointing(model, checkpointing and setting.stage == "instruct")
         if setting.sts is not None:
-            sts.apply_sts(model, setting.sts)
+            sts.apply_sts(model, {**setting.sts, "pack": packed and setting.packs})
         if setting.stage not in optimizers:
             trainable = [p for p in model.parameters() if p.requires_grad]
             fused = {"fused": True} if device.type == "cuda" and optimizer == "adamw" else {}
@@ -160,21 +206,25 @@ def run_bench(
             sts.set_progress(model, max(step, 0), steps)  # LDS sees a whole run's schedule over the timed steps
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats()
-        batch_inputs = inputs[setting.stage]
+        stage_rounds = rounds[setting.stage]
+        this = stage_rounds[(step + warmup) % len(stage_rounds)]
         with Timer(device) as timer:
-            runner(**batch_inputs).loss.backward()
+            runner(**this.inputs).loss.backward()
             stepper.step()
             stepper.zero_grad(set_to_none=True)
         if step < 0:  # warm-up
             return timer.seconds
-        length, layers_run = batch_inputs["input_ids"].shape[1], shapes.text_layers
+        kept, layers_run = 1.0, shapes.text_layers
         if setting.sts is not None:
             stats = sts.step_stats(model)
-            length, layers_run = stats["lm_seq_len"], shapes.text_layers - len(stats.get("skipped_layers", []))
-        record.times.append(timer.seconds)
+            kept = stats["visual_tokens_kept"] / stats["visual_tokens_in"] if stats["visual_tokens_in"] else 1.0
+            layers_run -= len(stats.get("skipped_layers", []))
+        # every image has the same size, so each keeps the same share of its visual tokens
+        lengths = [round(n - v + v * kept) for n, v in zip(this.lengths, this.visual)]
         trains = {k: v == "full" for k, v in setting.parts.items()}
-        record.flops.append(sum(train_step_flops(shapes, batch, length, batch, trains, layers_run).values()))
-        record.lm_tokens.append(batch * length)
+        record.times.append(timer.seconds)
+        record.flops.append(sum(samples_step_flops(shapes, lengths, this.tower_images, trains, layers_run).values()))
+        record.lm_tokens.append(sum(lengths))
         if device.type == "cuda":
             record.peak_bytes = max(record.peak_bytes, torch.cuda.max_memory_allocated())
         return timer.seconds
@@ -199,30 +249,49 @@ def run_bench(
                 warmup_seconds += seconds if step < 0 else 0.0
                 sts.remove_sts(model)  # a no-op for an unpatched setting
 
+    seconds = {name: statistics.mean(record.times) for name, record in records.items()}
+    baselines = {}
+    for setting in chosen:
+        if setting.dense:
+            current = baselines.get(setting.stage)
+            baselines[setting.stage] = (
+                setting.name if current is None or seconds[setting.name] < seconds[current] else current
+            )
     rows = {}
     for setting in chosen:
-        record, base = records[setting.name], records.get(setting.stage, records[setting.name])
-        seconds, base_seconds = statistics.mean(record.times), statistics.mean(base.times)
-        speedup = base_seconds / seconds
+        record = records[setting.name]
+        against = setting.stage if not setting.packs and setting.stage in records else baselines.get(setting.stage)
+        base = records[against] if against else record
+        speedup = statistics.mean(base.times) / seconds[setting.name]
         ideal = statistics.mean(base.flops) / statistics.mean(record.flops)
         rows[setting.name] = {
-            "steps_per_s": 1 / seconds,
-            "samples_per_s": batch / seconds,
-            "lm_tokens_per_s": statistics.mean(record.lm_tokens) / seconds,
+            "against": against or setting.name,
+            "packed": packed and setting.packs and setting.sts is not None,
+            "steps_per_s": 1 / seconds[setting.name],
+            "samples_per_s": batch / seconds[setting.name],
+            "lm_tokens_per_s": statistics.mean(record.lm_tokens) / seconds[setting.name],
             "tflops_per_step": statistics.mean(record.flops) / 1e12,
             "peak_memory_gb": record.peak_bytes / 2**30 if record.peak_bytes else None,
             "speedup": speedup,
             "flops_ideal_speedup": ideal,
             "speedup_over_ideal": speedup / ideal,
         }
+    instruct = rounds["instruct"][0]
     result = {
         "preset": preset,
         "device": torch.cuda.get_device_name() if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads",
         "date": datetime.date.today().isoformat(),
         "dtype": str(dtype).replace("torch.", ""),
+        "attention": attention,
+        "packing": packed,
         "batch": batch,
         "decoder_layers": shapes.text_layers,
-        "sequence_tokens": {stage: batch_inputs["input_ids"].shape[1] for stage, batch_inputs in inputs.items()},
+        "lengths": lengths,
+        "visual_tokens_per_image": layout.tokens,
+        "mean_sample_tokens": {
+            stage: statistics.mean(n for r in stage_rounds for n in r.lengths) for stage, stage_rounds in rounds.items()
+        },
+        "sample_tokens": {stage: [r.lengths for r in stage_rounds] for stage, stage_rounds in rounds.items()},
         "steps": steps,
         "warmup": warmup,
         "compile": compile,
@@ -231,14 +300,15 @@ def run_bench(
         "warmup_seconds": warmup_seconds,  # compiling happens here
         "compiled_graphs": counters["stats"]["unique_graphs"],
         "graph_breaks": sum(counters["graph_break"].values()),
-        "lm_share_of_flops": lm_share(shapes, batch, inputs["instruct"]["input_ids"].shape[1]),
+        "lm_share_of_flops": lm_share(shapes, instruct),
+        "baselines": baselines,
         "settings": rows,
     }
     print(format_bench(result))
     if out:
         compiled_as = "" if compile == "none" else f"-compile-{compile}"
         device_name = result["device"].replace(" ", "_").replace(",", "")
-        path = Path(out) / f"bench-{preset}-b{batch}{compiled_as}-{device_name}.json"
+        path = Path(out) / f"bench-{preset}-b{batch}-{lengths}-{attention}{compiled_as}-{device_name}.json"
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(result, indent=2))
         print(f"recorded {path}")
@@ -254,30 +324,37 @@ def compiled(model, mode: str):
     return sts.compile_layers(model) if mode == "regional" else model
 
 
-def lm_share(shapes: Shapes, batch: int, length: int) -> float:
+def lm_share(shapes: Shapes, first: Round) -> float:
     """The language model's share of a full-token instruction-tuning step's FLOPs."""
-    parts = train_step_flops(shapes, batch, length, batch, {k: v == "full" for k, v in INSTRUCT.items()})
+    trains = {k: v == "full" for k, v in INSTRUCT.items()}
+    parts = samples_step_flops(shapes, first.lengths, first.tower_images, trains)
     return parts["language_model"] / sum(parts.values())
 
 
 def format_bench(result: dict) -> str:
+    tokens = result["mean_sample_tokens"]
     head = (
-        f"sts bench {result['preset']} on {result['device']} ({result['dtype']}, batch {result['batch']}, "
-        f"{result['sequence_tokens']['align']}/{result['sequence_tokens']['instruct']} tokens in align/instruct, "
-        f"{result['decoder_layers']} decoder layers, {result['optimizer']}, activation checkpointing: "
-        f"{result['activation_checkpointing']}, {result['date']})"
+        f"sts bench {result['preset']} on {result['device']} ({result['dtype']}, {result['attention']}, batch "
+        f"{result['batch']}, {result['lengths']} lengths: {tokens['align']:.0f}/{tokens['instruct']:.0f} tokens a "
+        f"sample in align/instruct, {result['decoder_layers']} decoder layers, {result['optimizer']}, activation "
+        f"checkpointing: {result['activation_checkpointing']}, packing: {'on' if result['packing'] else 'off'}, "
+        f"{result['date']})"
     )
     if result["compile"] != "none":
         head += (
             f"\ncompiled ({result['compile']}): {result['compiled_graphs']} graphs, "
             f"{result['graph_breaks']} graph breaks, {result['warmup_seconds']:.0f} s of warm-up"
         )
-    lines = [head, f"{'setting':<26}{'steps/s':>9}{'tokens/s':>11}{'peak GB':>9}{'speedup':>9}{'ideal':>8}{'ratio':>7}"]
+    lines = [
+        head,
+        f"{'setting':<26}{'steps/s':>9}{'tokens/s':>11}{'peak GB':>9}{'speedup':>9}{'ideal':>8}{'ratio':>7}  against",
+    ]
     for name, row in result["settings"].items():
         peak = f"{row['peak_memory_gb']:.1f}" if row["peak_memory_gb"] else "n/a"
         lines.append(
             f"{name:<26}{row['steps_per_s']:>9.2f}{row['lm_tokens_per_s']:>11.0f}{peak:>9}"
             f"{row['speedup']:>9.2f}{row['flops_ideal_speedup']:>8.2f}{row['speedup_over_ideal']:>7.2f}"
+            f"  {row['against']}"
         )
     lines.append(f"language model share of a full instruction-tuning step's FLOPs: {result['lm_share_of_flops']:.1%}")
     return "\n".join(lines)

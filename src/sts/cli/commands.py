@@ -16,6 +16,17 @@ CLI_EXTRA = {
     "matplotlib": "matplotlib",
 }
 
+# `sts.cli.presets.PRESETS`' names, here so that parsing imports no transformers (a test keeps them equal).
+BENCH_PRESETS = [
+    "tiny",
+    "tiny-llava-next",
+    "tiny-qwen2.5-vl",
+    "llava-1.5-7b",
+    "llava-1.5-0.5b",
+    "llava-next-7b",
+    "qwen2.5-vl-7b",
+]
+
 
 def cmd_data(args) -> None:
     from sts.cli.data.synth import generate
@@ -123,6 +134,9 @@ def cmd_bench(args) -> None:
         compile=args.compile,
         optimizer=args.optimizer,
         checkpointing=not args.no_checkpointing,
+        lengths=args.lengths,
+        attention=args.attention,
+        packing=args.packing,
     )
 
 
@@ -233,7 +247,7 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.set_defaults(run=cmd_eval)
 
     bench = commands.add_parser("bench", help="training throughput, baseline and STS interleaved, random weights")
-    bench.add_argument("--preset", default="tiny", choices=["tiny", "llava-1.5-7b", "llava-1.5-0.5b"])
+    bench.add_argument("--preset", default="tiny", choices=BENCH_PRESETS, help="model shapes (sts.cli.presets)")
     bench.add_argument("--steps", type=at_least(1), default=10, help="timed steps per setting")
     bench.add_argument("--warmup", type=at_least(0), default=2)
     bench.add_argument("--batch", type=at_least(1), default=8)
@@ -251,6 +265,23 @@ def build_parser() -> argparse.ArgumentParser:
         "--no-checkpointing",
         action="store_true",
         help="no activation checkpointing (default: in instruction tuning, as the shipped recipes)",
+    )
+    bench.add_argument(
+        "--lengths",
+        default="sampled",
+        choices=["sampled", "fixed"],
+        help="text lengths drawn from a LLaVA-665K-shaped distribution with text-only samples, or each stage's mean",
+    )
+    bench.add_argument(
+        "--attention",
+        choices=["flash_attention_2", "flash_attention_3", "sdpa", "flex_attention", "eager"],
+        help="the attention kernel (default: flash_attention_2 where installed, else sdpa)",
+    )
+    bench.add_argument(
+        "--packing",
+        default="auto",
+        choices=["auto", "on", "off"],
+        help="padding-free batches for the dense baseline and STS (auto: where the kernel skips across samples)",
     )
     bench.set_defaults(run=cmd_bench)
 

@@ -25,7 +25,7 @@ import torch
 from sts.cli.data.synth import generate
 from sts.cli.evaluate import evaluate
 from sts.cli.flops import recipe_flops
-from sts.cli.presets import LLAVA_15_DATA, preset_config
+from sts.cli.presets import LLAVA_15_DATA, preset
 from sts.cli.recipes import ConfigError, RecipeConfig, load_recipe
 from sts.cli.train import run_recipe
 
@@ -84,7 +84,7 @@ def summarise(trained: dict, scored: dict) -> dict:
 def llava_15_flops(recipe: RecipeConfig, fractions: list[float]) -> list[float]:
     """Each stage's FLOPs if `recipe` trained LLaVA-1.5-7B (CLIP-L/336: 24 x 24 visual tokens,
     32 decoder layers of Vicuna-7B's width) on LLaVA-1.5's data."""
-    return recipe_flops(recipe, preset_config("llava-1.5-7b", layers=32)[0], LLAVA_15_DATA, fractions)
+    return recipe_flops(recipe, preset("llava-1.5-7b").config, LLAVA_15_DATA, fractions)
 
 
 def compare(runs: dict) -> None:

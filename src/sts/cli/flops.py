@@ -121,6 +121,16 @@ def train_step_flops(
     }
 
 
+def samples_step_flops(
+    s: Shapes, lengths: list[int], images: int, trains: dict[str, bool], layers_run: float | None = None
+) -> dict[str, float]:
+    """FLOPs of one step over samples of `lengths` real tokens each, `images` encoded by the vision
+    tower: what packed samples cost, and the useful work of a padded batch (padding is no work)."""
+    parts = train_step_flops(s, 0, 0, images, trains, layers_run)
+    parts["language_model"] = sum(train_step_flops(s, 1, n, 0, trains, layers_run)["language_model"] for n in lengths)
+    return parts
+
+
 def recipe_flops(
     recipe: RecipeConfig, config, data: dict[str, tuple[int, float]], fractions: list[float]
 ) -> list[float]:
