@@ -308,7 +308,8 @@ def run_bench(
     if out:
         compiled_as = "" if compile == "none" else f"-compile-{compile}"
         device_name = result["device"].replace(" ", "_").replace(",", "")
-        path = Path(out) / f"bench-{preset}-b{batch}-{lengths}-{attention}{compiled_as}-{device_name}.json"
+        packed_as = "-packed" if packed else ""
+        path = Path(out) / f"bench-{preset}-b{batch}-{lengths}-{attention}{packed_as}{compiled_as}-{device_name}.json"
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(result, indent=2))
         print(f"recorded {path}")
