@@ -91,3 +91,41 @@ def test_samples_flops_of_equal_lengths_are_the_padded_batchs():
     assert samples_step_flops(shapes, [800] * 4, 4, trains, 20) == pytest.approx(padded)
     shorter = sum(samples_step_flops(shapes, [200, 800, 800, 800], 4, trains).values())
     assert shorter < sum(train_step_flops(shapes, 4, 800, 4, trains).values())
+
+
+@pytest.mark.parametrize("name", ["tiny", "tiny-llava-next", "tiny-qwen2.5-vl"])
+def test_the_flops_geometry_keeps_what_the_compressor_keeps(name):
+    """`sts.cli.flops` counts an image's kept tokens from its geometry (anyres: the base view and the
+    tiles' grid, newlines kept): what a compressed forward really keeps, on each family."""
+    import sts
+
+    spec = preset(name)
+    layout = ImageLayout(spec.config, spec.image)
+    samples = draw_samples("instruct", 30, 3, False, torch.Generator())
+    batch = synthetic_batch(layout, samples, torch.Generator().manual_seed(0))
+    model = AutoModelForImageTextToText.from_config(spec.config).train()
+    for strategy, ratio in [("pool", 0.25), ("uniform", 0.5)]:
+        sts.apply_sts(model, {"vtc": {"strategy": strategy, "keep_ratio": ratio}})
+        sts.set_progress(model, 0, 10)
+        model(**batch)
+        stats = sts.step_stats(model)
+        assert stats["visual_tokens_in"] == 3 * layout.geometry.tokens()
+        assert stats["visual_tokens_kept"] == 3 * layout.geometry.kept(strategy, ratio), strategy
+        sts.remove_sts(model)
+
+
+def test_anyres_7b_training_has_more_to_gain_than_llava_15s():
+    """At LLaVA-NeXT-7B's shapes (2,928 visual tokens an image) the same recipes save more than at
+    LLaVA-1.5-7B's, and alignment is a similar share of the FLOPs."""
+    from sts.cli.demo import RECIPES, llava_15_flops, llava_next_flops
+    from sts.cli.recipes import load_recipe
+
+    def ideal(flops, name):
+        base = flops(load_recipe("demo", ["data.train=x", *RECIPES["baseline"]]), [1.0, 1.0])
+        return sum(base) / sum(flops(load_recipe("demo", ["data.train=x", *RECIPES[name]]), [1.0, 1.0])), base
+
+    next_ideal, next_base = ideal(llava_next_flops, "sts-max")
+    assert next_ideal > ideal(llava_15_flops, "sts-max")[0] > 2
+    assert 0.2 < next_base[0] / sum(next_base) < 0.35
+    geometry = ImageLayout(preset("llava-next-7b").config, (672, 672)).geometry
+    assert geometry.kept("pool", 0.25) == 12 * 12 + 24 * 24 + 48, "each grid pooled 2 x 2, the 48 newlines kept"

@@ -25,7 +25,7 @@ import torch
 from sts.cli.data.synth import generate
 from sts.cli.evaluate import evaluate
 from sts.cli.flops import recipe_flops
-from sts.cli.presets import LLAVA_15_DATA, preset
+from sts.cli.presets import LLAVA_15_DATA, LLAVA_NEXT_DATA, image_geometry, preset
 from sts.cli.recipes import ConfigError, RecipeConfig, load_recipe
 from sts.cli.train import run_recipe
 
@@ -87,6 +87,13 @@ def llava_15_flops(recipe: RecipeConfig, fractions: list[float]) -> list[float]:
     return recipe_flops(recipe, preset("llava-1.5-7b").config, LLAVA_15_DATA, fractions)
 
 
+def llava_next_flops(recipe: RecipeConfig, fractions: list[float]) -> list[float]:
+    """Each stage's FLOPs if `recipe` trained LLaVA-NeXT-7B on 672 x 672 images (a base view and
+    2 x 2 tiles: 2,928 visual tokens, 5 images through the tower) on its data (`presets`)."""
+    spec = preset("llava-next-7b")
+    return recipe_flops(recipe, spec.config, LLAVA_NEXT_DATA, fractions, image_geometry(spec.config, spec.image))
+
+
 def compare(runs: dict) -> None:
     """Add speedup and retention against the baseline (of the same seed) to every run."""
     base = runs["baseline"]
@@ -94,6 +101,7 @@ def compare(runs: dict) -> None:
         run["speedup"] = base["train_seconds"] / run["train_seconds"]
         run["flops_ideal_speedup"] = base["flops"] / run["flops"]
         run["llava_15_ideal_speedup"] = sum(base["llava_15_flops"]) / sum(run["llava_15_flops"])
+        run["llava_next_ideal_speedup"] = sum(base["llava_next_flops"]) / sum(run["llava_next_flops"])
         run["retention"] = run["accuracy"] / base["accuracy"] if base["accuracy"] else None
 
 
@@ -131,6 +139,7 @@ def aggregate(per_seed: dict[int, dict]) -> dict:
                 "speedup",
                 "flops_ideal_speedup",
                 "llava_15_ideal_speedup",
+                "llava_next_ideal_speedup",
             )
         }
         mean["per_type"] = {kind: average(lambda run: run["per_type"][kind]) for kind in first["per_type"]}
@@ -178,7 +187,7 @@ def format_results(results: dict) -> str:
     lines.append(
         f"{'recipe':<20}{'accuracy':>9}"
         + "".join(f"{t:>10}" for t in types)
-        + f"{'speedup':>9}{'ideal':>7}{'7B ideal':>9}{'retention':>11}"
+        + f"{'speedup':>9}{'ideal':>7}{'7B ideal':>9}{'NeXT ideal':>11}{'retention':>11}"
         + (f"{'accuracy min-max':>18}{'retention min-max':>19}" if len(seeds) > 1 else "")
     )
     for name, run in runs.items():
@@ -187,6 +196,7 @@ def format_results(results: dict) -> str:
             f"{name:<20}{run['accuracy']:>9.3f}"
             + "".join(f"{run['per_type'][t]:>10.3f}" for t in types)
             + f"{run['speedup']:>8.2f}x{run['flops_ideal_speedup']:>6.2f}x{run['llava_15_ideal_speedup']:>8.2f}x"
+            + f"{run['llava_next_ideal_speedup']:>10.2f}x"
             + (f"{run['retention']:>11.3f}" if run["retention"] is not None else f"{'n/a':>11}")
             + (
                 f"{run['spread']['accuracy']['min']:>11.3f}-{run['spread']['accuracy']['max']:.3f}"
@@ -199,9 +209,10 @@ def format_results(results: dict) -> str:
     lines += [
         "",
         "ideal: FLOPs-ideal speedup here; 7B ideal: the same recipe's at LLaVA-1.5-7B shapes and LLaVA-1.5's "
-        "data lengths (sts.cli.flops).",
+        "data lengths; NeXT ideal: at LLaVA-NeXT-7B's (anyres, 2,928 visual tokens an image; sts.cli.flops).",
         f"alignment's share of the baseline's FLOPs: {base['stages'][0]['flops'] / base['flops']:.0%} here, "
-        f"{base['llava_15_flops'][0] / sum(base['llava_15_flops']):.0%} in LLaVA-1.5-7B's training",
+        f"{base['llava_15_flops'][0] / sum(base['llava_15_flops']):.0%} in LLaVA-1.5-7B's training, "
+        f"{base['llava_next_flops'][0] / sum(base['llava_next_flops']):.0%} in LLaVA-NeXT-7B's",
     ]
     return "\n".join(lines)
 
@@ -294,9 +305,9 @@ def run_demo(
             trained = run_recipe(recipe)
             runs[name] = summarise(trained, evaluate(trained["model_dir"], data["test"]))
             dense = runs.get("baseline", runs[name])["stages"]  # the baseline runs first
-            runs[name]["llava_15_flops"] = llava_15_flops(
-                recipe, [stage["steps"] / full["steps"] for stage, full in zip(trained["stages"], dense)]
-            )
+            fractions = [stage["steps"] / full["steps"] for stage, full in zip(trained["stages"], dense)]
+            runs[name]["llava_15_flops"] = llava_15_flops(recipe, fractions)
+            runs[name]["llava_next_flops"] = llava_next_flops(recipe, fractions)
 
         for name, overrides in recipes.items():
             train_and_score(name, [*overrides, *extra])

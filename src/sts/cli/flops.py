@@ -131,15 +131,37 @@ def samples_step_flops(
     return parts
 
 
+@dataclass(frozen=True)
+class ImageGeometry:
+    """One image as the language model and the compressor see it: the grids of its units (a fixed
+    tower's one grid; anyres: the base view and the tiles), the visual tokens no compressor takes
+    (anyres rows' newlines), and the images the vision tower encodes for it."""
+
+    grids: tuple[tuple[int, int], ...]
+    fixed_tokens: int = 0
+    tower_images: int = 1
+
+    def tokens(self) -> int:
+        return sum(rows * cols for rows, cols in self.grids) + self.fixed_tokens
+
+    def kept(self, strategy: str, keep_ratio: float) -> int:
+        return sum(kept_tokens(strategy, grid, keep_ratio) for grid in self.grids) + self.fixed_tokens
+
+
 def recipe_flops(
-    recipe: RecipeConfig, config, data: dict[str, tuple[int, float]], fractions: list[float]
+    recipe: RecipeConfig,
+    config,
+    data: dict[str, tuple[int, float]],
+    fractions: list[float],
+    geometry: ImageGeometry | None = None,
 ) -> list[float]:
-    """Each stage's analytic FLOPs for a model `config` with one fixed-size image per sample and
-    `data[stage] = (samples, text tokens per sample)`, under the recipe's STS settings (the
-    skipper's expected skips over the run, the share of full-token steps) and each stage's
-    samples times `fractions` (the share of the dense recipe's steps it ran: the equal-time
-    baseline runs fewer)."""
+    """Each stage's analytic FLOPs for a model `config` with one image per sample (`geometry`; by
+    default the fixed tower's one grid) and `data[stage] = (samples, text tokens per sample)`,
+    under the recipe's STS settings (the skipper's expected skips over the run, the share of
+    full-token steps) and each stage's samples times `fractions` (the share of the dense recipe's
+    steps it ran: the equal-time baseline runs fewer)."""
     shapes, side = Shapes.of(config), config.vision_config.image_size // config.vision_config.patch_size
+    geometry = geometry or ImageGeometry(((side, side),))
     flops = []
     for stage, fraction in zip(recipe.stages, fractions):
         samples, text = data[stage.name]
@@ -148,17 +170,16 @@ def recipe_flops(
         layers = shapes.text_layers - (expected_skips(shapes.text_layers, sts.lds) if sts.lds else 0)
 
         def per_sample(visual: int) -> float:
-            return sum(train_step_flops(shapes, 1, text + visual, 1, trains, layers).values())
+            return sum(train_step_flops(shapes, 1, text + visual, geometry.tower_images, trains, layers).values())
 
-        cost = per_sample(side * side)
+        cost = per_sample(geometry.tokens())
         if sts.vtc:
             full = (
                 sts.vtc.full_tokens_final_fraction
                 + (1 - sts.vtc.full_tokens_final_fraction) * sts.vtc.full_tokens_random_fraction
             )
             compressed = sum(
-                share * per_sample(kept_tokens(sts.vtc.strategy, (side, side), ratio))
-                for share, ratio in sts.vtc.phases()
+                share * per_sample(geometry.kept(sts.vtc.strategy, ratio)) for share, ratio in sts.vtc.phases()
             )
             cost = full * cost + (1 - full) * compressed
         flops.append(samples * fraction * cost)

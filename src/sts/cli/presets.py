@@ -15,6 +15,7 @@ from transformers import (
     Qwen2Config,
 )
 
+from sts.cli.flops import ImageGeometry
 from sts.cli.models import families, tiny
 from sts.cli.recipes import TinyModelConfig
 
@@ -22,6 +23,9 @@ from sts.cli.recipes import TinyModelConfig
 # LCS-558K's short captions, then mix665k's multi-turn conversations.
 LLAVA_15_DATA = {"align": (558_000, 43), "instruct": (665_000, 247)}
 LLAVA_15_TEXT = {stage: text for stage, (_, text) in LLAVA_15_DATA.items()}
+# LLaVA-NeXT-7B's two stages as its public reproduction (Open-LLaVA-NeXT's scripts) trains them:
+# anyres in both, LCS-558K, then a 1M-sample mix; its text lengths assumed LLaVA-1.5's.
+LLAVA_NEXT_DATA = {"align": (558_000, 43), "instruct": (1_000_000, 247)}
 # LLaVA-NeXT's anyres grid: a 336 px base view plus up to 2 x 2 tiles of it (or 1 x 3, 3 x 1).
 NEXT_PINPOINTS = [[336, 672], [672, 336], [672, 672], [1008, 336], [336, 1008]]
 
@@ -109,6 +113,29 @@ def qwen25_vl_7b(layers: int | None) -> Qwen2_5_VLConfig:
         vision_start_token_id=151652,
         vision_end_token_id=151653,
     )
+
+
+def image_geometry(config, size: tuple[int, int]) -> ImageGeometry:
+    """How an image of `size` (height, width) px enters a model of `config`'s family."""
+    vision, kind = config.vision_config, type(config).__name__
+    height, width = size
+    if kind == "LlavaConfig":
+        side = vision.image_size // vision.patch_size
+        return ImageGeometry(((side, side),))
+    if kind == "LlavaNextConfig":
+        if [height, width] not in [list(p) for p in config.image_grid_pinpoints]:
+            raise ValueError(f"an anyres image must be one of the pinpoints {config.image_grid_pinpoints}")
+        tile, side = vision.image_size, vision.image_size // vision.patch_size
+        rows, cols = height // tile * side, width // tile * side
+        # the base view, then the tiles' grid with a newline closing each of its rows (nothing is
+        # unpadded: the image fills its pinpoint)
+        return ImageGeometry(((side, side), (rows, cols)), fixed_tokens=rows, tower_images=1 + rows * cols // side**2)
+    if hasattr(config, "vision_start_token_id"):  # Qwen-VL: merged patches
+        unit = vision.patch_size * vision.spatial_merge_size
+        if height % unit or width % unit:
+            raise ValueError(f"a Qwen-VL image's sides must be multiples of {unit} px")
+        return ImageGeometry(((height // unit, width // unit),))
+    raise ValueError(f"no image geometry for {kind}")
 
 
 PRESETS = {

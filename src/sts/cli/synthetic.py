@@ -16,6 +16,8 @@ from dataclasses import dataclass
 
 import torch
 
+from sts.cli.presets import image_geometry
+
 IGNORE_INDEX = -100
 
 
@@ -64,26 +66,8 @@ class ImageLayout:
     def __init__(self, config, size: tuple[int, int]):
         self.config, self.size = config, size
         self.kind = type(config).__name__
-        vision = config.vision_config
-        height, width = size
-        if self.kind == "LlavaConfig":
-            self.tokens, self.tower_images = (vision.image_size // vision.patch_size) ** 2, 1
-        elif self.kind == "LlavaNextConfig":
-            if [height, width] not in [list(p) for p in config.image_grid_pinpoints]:
-                raise ValueError(f"an anyres image must be one of the pinpoints {config.image_grid_pinpoints}")
-            tile, side = vision.image_size, vision.image_size // vision.patch_size
-            rows, cols = height // tile, width // tile
-            # base view + the tiles' grid, a newline token closing each of its rows (nothing unpadded:
-            # the image fills its pinpoint)
-            self.tokens, self.tower_images = side * side + rows * side * (cols * side + 1), 1 + rows * cols
-        elif hasattr(config, "vision_start_token_id"):  # Qwen-VL
-            unit = vision.patch_size * vision.spatial_merge_size
-            if height % unit or width % unit:
-                raise ValueError(f"a Qwen-VL image's sides must be multiples of {unit} px")
-            self.grid = (1, height // vision.patch_size, width // vision.patch_size)
-            self.tokens, self.tower_images = self.grid[1] * self.grid[2] // vision.spatial_merge_size**2, 1
-        else:
-            raise ValueError(f"sts bench has no synthetic images for {self.kind}")
+        self.geometry = image_geometry(config, size)
+        self.tokens, self.tower_images = self.geometry.tokens(), self.geometry.tower_images
 
     @property
     def image_token(self) -> int:
@@ -106,11 +90,11 @@ class ImageLayout:
                 "pixel_values": torch.randn(images, self.tower_images, 3, tile, tile, generator=generator),
                 "image_sizes": torch.tensor([self.size] * images),
             }
+        grid = (1, self.size[0] // vision.patch_size, self.size[1] // vision.patch_size)  # (time, height, width)
         patch_values = 3 * vision.temporal_patch_size * vision.patch_size**2
-        patches = self.grid[1] * self.grid[2]
         return {
-            "pixel_values": torch.randn(images * patches, patch_values, generator=generator),
-            "image_grid_thw": torch.tensor([self.grid] * images),
+            "pixel_values": torch.randn(images * grid[1] * grid[2], patch_values, generator=generator),
+            "image_grid_thw": torch.tensor([grid] * images),
         }
 
 
