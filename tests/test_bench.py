@@ -5,7 +5,7 @@ import pytest
 import torch
 from transformers import AutoModelForImageTextToText
 
-from sts.cli.bench import SETTINGS, run_bench
+from sts.cli.bench import FLASH_KERNELS, SETTINGS, run_bench
 from sts.cli.commands import BENCH_PRESETS
 from sts.cli.flops import Shapes, samples_step_flops, train_step_flops
 from sts.cli.presets import PRESETS, preset
@@ -39,6 +39,25 @@ def test_packing_is_on_only_where_the_kernel_skips_across_samples():
         "tiny", steps=1, warmup=0, batch=2, out=None, settings=["align", "align+packed"], lengths="fixed"
     )
     assert result["attention"] == "sdpa" and not result["packing"] and list(result["settings"]) == ["align"]
+
+
+def test_a_kernel_that_is_not_installed_is_one_line_naming_it(capsys):
+    from sts.cli.commands import main
+
+    if FLASH_KERNELS["flash_attention_2"]():
+        pytest.skip("FlashAttention-2 is installed here")
+    assert main(["bench", "--attention", "flash_attention_2", "--steps", "1", "--out", ""]) == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        "sts: error: --attention flash_attention_2: its package is not installed here, or it needs a GPU"
+    )
+
+
+def test_an_unknown_setting_is_one_line_naming_the_settings(capsys):
+    from sts.cli.commands import main
+
+    assert main(["bench", "--settings", "instruct,instruct+pool", "--steps", "1", "--out", ""]) == 2
+    error = capsys.readouterr().err.strip().splitlines()[-1]
+    assert error.startswith("sts: error: --settings: no setting instruct+pool; there are align, align+packed")
 
 
 def test_sampled_lengths_keep_the_stage_mean_and_llava_665ks_text_only_share():

@@ -23,12 +23,13 @@ import torch
 from torch._dynamo.utils import counters
 from tqdm import tqdm
 from transformers import AutoModelForImageTextToText
-from transformers.utils import is_flash_attn_2_available
+from transformers.utils import is_flash_attn_2_available, is_flash_attn_3_available
 
 import sts
 from sts.adapters import get_adapter
 from sts.cli.flops import Shapes, samples_step_flops
 from sts.cli.presets import preset as load_preset
+from sts.cli.recipes import ConfigError
 from sts.cli.synthetic import ImageLayout, draw_samples, real_lengths, synthetic_batch, visual_tokens
 from sts.compat import set_activation_checkpointing
 from sts.pack import VARLEN_KERNELS
@@ -83,6 +84,9 @@ SETTINGS = [
 
 def fastest_attention() -> str:
     return "flash_attention_2" if is_flash_attn_2_available() else "sdpa"
+
+
+FLASH_KERNELS = {"flash_attention_2": is_flash_attn_2_available, "flash_attention_3": is_flash_attn_3_available}
 
 
 def packs_well(attention: str) -> bool:
@@ -166,7 +170,14 @@ def run_bench(
     `packing` on, off or auto (on where the kernel skips what crosses samples)."""
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    unknown = sorted(set(settings or []) - {s.name for s in SETTINGS})
+    if unknown:
+        raise ConfigError(
+            f"--settings: no setting {', '.join(unknown)}; there are {', '.join(s.name for s in SETTINGS)}"
+        )
     attention = attention or fastest_attention()
+    if attention in FLASH_KERNELS and not FLASH_KERNELS[attention]():
+        raise ConfigError(f"--attention {attention}: its package is not installed here, or it needs a GPU")
     packed = packing == "on" or (packing == "auto" and packs_well(attention))
     chosen = [s for s in SETTINGS if (settings is None or s.name in settings) and (packed or not s.packed_dense)]
     spec = load_preset(preset, layers)
