@@ -16,9 +16,9 @@ from dataclasses import dataclass
 
 import torch
 
+from sts.cli.data.collate import Collator
 from sts.cli.presets import image_geometry
-
-IGNORE_INDEX = -100
+from sts.cut import IGNORE_INDEX
 
 
 @dataclass(frozen=True)
@@ -67,7 +67,14 @@ class ImageLayout:
         self.config, self.size = config, size
         self.kind = type(config).__name__
         self.geometry = image_geometry(config, size)
-        self.tokens, self.tower_images = self.geometry.tokens(), self.geometry.tower_images
+
+    @property
+    def tokens(self) -> int:
+        return self.geometry.tokens()
+
+    @property
+    def tower_images(self) -> int:
+        return self.geometry.tower_images
 
     @property
     def image_token(self) -> int:
@@ -108,20 +115,15 @@ def synthetic_batch(layout: ImageLayout, samples: list[Sample], generator: torch
     its text, the last quarter of the text as the answer (labelled)."""
     vocab = layout.config.get_text_config().vocab_size
     specials = special_ids(layout.config)
-    rows, answers = [], []
+    encoded = []
     for sample in samples:
         text = torch.randint(10, min(vocab, 30000), (sample.text,), generator=generator).tolist()
         text = [10 if token in specials else token for token in text]
-        rows.append(text[:1] + (layout.placeholder() if sample.image else []) + text[1:])
-        answers.append(max(sample.text // 4, 1))
-    longest = max(len(row) for row in rows)
-    ids = torch.zeros(len(rows), longest, dtype=torch.long)
-    mask, labels = torch.zeros_like(ids), torch.full_like(ids, IGNORE_INDEX)
-    for i, (row, answer) in enumerate(zip(rows, answers)):
-        ids[i, : len(row)] = torch.tensor(row)
-        mask[i, : len(row)] = 1
-        labels[i, len(row) - answer : len(row)] = ids[i, len(row) - answer : len(row)]
-    batch = {"input_ids": ids, "attention_mask": mask, "labels": labels}
+        ids = torch.tensor(text[:1] + (layout.placeholder() if sample.image else []) + text[1:])
+        labels, answer = torch.full_like(ids, IGNORE_INDEX), max(sample.text // 4, 1)
+        labels[-answer:] = ids[-answer:]
+        encoded.append({"input_ids": ids, "labels": labels})
+    batch = Collator(pad_token_id=0)(encoded)
     images = sum(sample.image for sample in samples)
     return {**batch, **(layout.pixels(images, generator) if images else {})}
 
