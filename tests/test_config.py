@@ -69,7 +69,11 @@ def test_stage_names_must_be_unique(tmp_path):
 def test_demo_recipe_selection_defines_variants_and_always_runs_the_baseline():
     from sts.cli.demo import RECIPES, select_recipes
 
-    assert select_recipes(None) == RECIPES
+    assert list(select_recipes(None)) == ["baseline", "sts", "sts-max"]
+    assert list(select_recipes(None, "llava-next")) == ["baseline", "sts", "sts-max", "sts-tiles"]
+    assert all(select_recipes(None, "llava-next")[name] == RECIPES[name] for name in RECIPES)
+    with pytest.raises(ConfigError, match="--preset 'llava-2'"):
+        select_recipes(None, "llava-2")
     chosen = select_recipes(["sts", "pool=vtc.strategy=pool lds=null"])
     assert list(chosen) == ["baseline", "sts", "pool"]
     assert chosen["pool"] == ["vtc.strategy=pool", "lds=null"]

@@ -85,6 +85,7 @@ def test_cli_reports_config_errors_in_one_line(synth_data, tmp_path, capsys):
         ["eval", "--model", "m", "--data", "d", "--limit", "0"],
         ["demo", "--train", "-5"],
         ["data", "check", "d.json", "--max-length", "x"],
+        ["demo", "--preset", "llava-2"],
     ],
 )
 def test_a_bad_number_on_the_command_line_is_one_line(command, capsys):
@@ -95,6 +96,41 @@ def test_a_bad_number_on_the_command_line_is_one_line(command, capsys):
     assert not any("Traceback" in line for line in err)
 
 
+def test_a_synthetic_image_size_that_is_no_multiple_of_the_scenes_is_one_line(tmp_path, capsys):
+    assert main(["data", "synth", "--out", str(tmp_path), "--image-size", "100", "--train", "1", "--test", "1"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["sts: error: --image-size 100: must be a multiple of 64 px"]
+    assert not list(tmp_path.iterdir()), "nothing written"
+
+
+def test_the_demo_presets_named_on_the_command_line_are_the_demos():
+    from sts.cli.commands import DEMO_PRESETS
+    from sts.cli.demo import PRESETS
+
+    assert DEMO_PRESETS == list(PRESETS)
+
+
+def test_the_anyres_demo_trains_llava_next_from_the_same_scenes_drawn_twice_as_large(tmp_path):
+    from PIL import Image
+
+    from sts.cli.demo import RECIPES, run_demo
+
+    sizes = [f"model.tiny.{k}={v}" for k, v in TEST_SIZES.model_dump().items()]
+    steps = ["stages.0.max_steps=2", "stages.1.max_steps=2", "stages.0.batch_size=4", "stages.1.batch_size=4"]
+    recipes = {name: RECIPES[name] for name in ("baseline", "sts-max")}
+    extra = [*sizes, *steps, "model.base=false"]
+    results = run_demo(tmp_path, train=8, test=2, recipes=recipes, extra=extra, equal_time=False, preset="llava-next")
+    assert results["preset"] == "llava-next"
+    record = json.loads((tmp_path / "data" / "test.json").read_text())[0]
+    assert Image.open(tmp_path / "data" / record["image"]).size == (128, 128)
+    baseline, most = results["runs"]["baseline"], results["runs"]["sts-max"]
+    config = json.loads((tmp_path / "sts-max" / "seed-0" / "instruct" / "model" / "config.json").read_text())
+    assert config["architectures"] == ["LlavaNextForConditionalGeneration"]
+    # alignment keeps a sixteenth of the 320 base and tile tokens (and the 16 newlines): 46 of 346 tokens
+    assert most["stages"][0]["samples"] == baseline["stages"][0]["samples"]
+    assert most["stages"][0]["flops"] < baseline["stages"][0]["flops"] / 4
+
+
 def test_eval_of_missing_model_is_a_clear_error(synth_data, tmp_path, capsys):
     assert main(["eval", "--model", str(tmp_path / "none"), "--data", str(synth_data["test"])]) == 2
     assert "no model checkpoint" in capsys.readouterr().err
@@ -103,7 +139,7 @@ def test_eval_of_missing_model_is_a_clear_error(synth_data, tmp_path, capsys):
 def test_demo_compares_the_recipes_over_seeds_and_writes_results(tmp_path):
     import statistics
 
-    from sts.cli.demo import EQUAL_TIME, RECIPES, run_demo
+    from sts.cli.demo import EQUAL_TIME, PRESETS, run_demo
 
     sizes = [f"model.tiny.{k}={v}" for k, v in TEST_SIZES.model_dump().items()]
     steps = [
@@ -118,7 +154,8 @@ def test_demo_compares_the_recipes_over_seeds_and_writes_results(tmp_path):
     results = run_demo(tmp_path, train=24, test=3, seed=1, extra=[*sizes, *steps], seeds=[1, 2])
     saved = json.loads((tmp_path / "results.json").read_text())
     assert saved["seeds"] == [1, 2]
-    assert list(saved["runs"]) == [*RECIPES, EQUAL_TIME] == ["baseline", "sts", "sts-max", EQUAL_TIME]
+    assert list(saved["runs"]) == [*PRESETS["llava-1.5"].recipes, EQUAL_TIME]
+    assert list(saved["runs"]) == ["baseline", "sts", "sts-max", EQUAL_TIME]
     for name, run in saved["runs"].items():
         assert set(run["per_type"]) == {"colour", "shape", "count", "exist", "position"}
         assert set(run["seeds"]) == {"1", "2"}

@@ -74,19 +74,23 @@ def test_llava_15_projection_has_llava_15s_shape():
     assert half[0] == pytest.approx(baseline[0] / 2) and half[1] == baseline[1]
 
 
-def test_the_demo_is_a_scale_model_of_llava_15_7b_training(synth_data, processor):
-    """On the demo's data and tiny model, alignment's share of the FLOPs and every demo recipe's
-    FLOPs-ideal speedup are within 10% of what they are at LLaVA-1.5-7B's shapes and data, so
-    what STS saves in the demo is what it would save there."""
+@pytest.mark.parametrize("preset", ["llava-1.5", "llava-next"])
+def test_each_demo_preset_is_a_scale_model_of_its_7b_training(preset, synth_data, processor):
+    """On the demo's data and tiny model (LLaVA, or its anyres form), alignment's share of the FLOPs
+    and every demo recipe's FLOPs-ideal speedup are within 10% of what they are at the 7B model's
+    shapes and data (LLaVA-1.5-7B, LLaVA-NeXT-7B), so what STS saves in the demo is what it would
+    save there."""
     from sts.cli.data.dataset import LlavaDataset
-    from sts.cli.demo import RECIPES, llava_15_flops
+    from sts.cli.demo import PRESETS, RECIPES, llava_15_flops, llava_next_flops
     from sts.cli.flops import recipe_flops
     from sts.cli.models import tiny
+    from sts.cli.presets import image_geometry
     from sts.cli.recipes import load_recipe
 
+    shape, seven_b_flops = PRESETS[preset], {"llava-1.5": llava_15_flops, "llava-next": llava_next_flops}[preset]
     image = processor.tokenizer.convert_tokens_to_ids(processor.image_token)
 
-    def text_tokens(dataset) -> float:
+    def text_tokens(dataset) -> float:  # the same text at any image size
         return statistics.mean(int((dataset[i]["input_ids"] != image).sum()) for i in range(len(dataset)))
 
     lengths = {
@@ -95,13 +99,14 @@ def test_the_demo_is_a_scale_model_of_llava_15_7b_training(synth_data, processor
     }
 
     def ideal_speedups(name):
-        recipe = load_recipe("demo", ["data.train=x", *RECIPES[name]])
+        recipe = load_recipe("demo", ["data.train=x", *shape.overrides, *RECIPES[name]])
         data = {stage.name: (stage.max_steps * stage.batch_size, lengths[stage.name]) for stage in recipe.stages}
-        here = recipe_flops(recipe, tiny.build_config(recipe.model.tiny), data, [1.0, 1.0])
-        return here, llava_15_flops(recipe, [1.0, 1.0])
+        config = tiny.build_config(recipe.model.tiny, recipe.model.family)
+        geometry = image_geometry(config, (shape.image_size, shape.image_size))
+        return recipe_flops(recipe, config, data, [1.0, 1.0], geometry), seven_b_flops(recipe, [1.0, 1.0])
 
     base_here, base_7b = ideal_speedups("baseline")
     assert base_here[0] / sum(base_here) == pytest.approx(base_7b[0] / sum(base_7b), rel=0.1)
-    for name in RECIPES:
+    for name in shape.recipes:
         here, seven_b = ideal_speedups(name)
         assert sum(base_here) / sum(here) == pytest.approx(sum(base_7b) / sum(seven_b), rel=0.1), name

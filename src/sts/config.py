@@ -28,6 +28,14 @@ class VTCConfig(Strict):
         "ascending) on, keep that ratio instead; before the first point, `keep_ratio` (coarse to fine: "
         "keep_ratio 0.0625 with [[0.5, 0.25]] trains the first half on a sixteenth of the tokens)",
     )
+    tile_keep_ratio: float | None = Field(
+        default=None,
+        gt=0,
+        le=1,
+        description="anyres images (LLaVA-NeXT, OneVision): the ratio the tiles keep, which show at a finer "
+        "scale what the base view shows whole; None: the tiles keep what the base view keeps (keep_ratio and "
+        "its schedule). 0.0625 with keep_ratio 0.25 pools the 2 x 2 tiles to the base view's pooled grid",
+    )
     reindex_positions: bool = Field(default=False, description="False: kept tokens keep their original position ids")
     stages: list[str] = Field(default=["align"], description="recipe stages it is active in")
     full_tokens_final_fraction: float = Field(

@@ -108,7 +108,8 @@ def cut_batch(
     features: dict,
     lm_inputs: dict,
 ) -> tuple[Cut, dict, int]:
-    """Keep `keep_ratio` of every image's tokens (per unit, see `Adapter.units`); cut the
+    """Keep `keep_ratio` of every image's tokens (per unit, see `Adapter.units`; anyres tiles keep
+    `vtc.tile_keep_ratio` where it is set); cut the
     embeddings, mask, positions (1-D or 3-D) and every input that travels with the tokens alike.
 
     inputs: the model's own inputs (`input_ids`, and what `Adapter.units` reads); labels: the
@@ -152,7 +153,7 @@ def cut_batch(
                 vtc.strategy,
                 unit_features,
                 unit.grid,
-                keep_ratio,
+                vtc.tile_keep_ratio if unit.tiles and vtc.tile_keep_ratio is not None else keep_ratio,
                 Context(instructions[row], seeded_generator(*draw, unit_index)),
             ).cpu()
             live = groups >= 0

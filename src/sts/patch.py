@@ -159,6 +159,7 @@ def begin_forward(state: STSState, kwargs: dict) -> ForwardPlan:
     state.stats = {
         "batch_size": 0,
         "images": state.adapter.images_in(kwargs),
+        "tower_images": state.adapter.tower_images_in(kwargs),
         "visual_tokens_in": 0,
         "visual_tokens_kept": 0,
         "input_seq_len": 0,

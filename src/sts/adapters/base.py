@@ -39,11 +39,13 @@ class Modality:
 class Unit:
     """What the compressor sees at once: `size` consecutive placeholder tokens of one modality.
     Of these, `candidates` (indices into the unit, row-major over `grid`; None: all) are on a
-    rows x cols grid and may be dropped or pooled; the others (e.g. row-end newlines) are kept."""
+    rows x cols grid and may be dropped or pooled; the others (e.g. row-end newlines) are kept.
+    `tiles`: a finer view of an image that another unit shows whole (anyres tiles)."""
 
     size: int
     grid: tuple[int, int]
     candidates: torch.Tensor | None = None
+    tiles: bool = False
 
 
 class SkippedLayer(nn.Module):
@@ -104,6 +106,10 @@ class Adapter:
     def images_in(self, inputs: dict) -> int:
         """The images (and videos) of a batch, from its inputs' shapes: no device sync, no feature."""
         return sum(len(inputs[m.counted_by]) for m in self.modalities() if inputs.get(m.counted_by) is not None)
+
+    def tower_images_in(self, inputs: dict) -> int:
+        """The views the vision tower encodes for a batch (what its cost counts): one an image here."""
+        return self.images_in(inputs)
 
     def units(self, modality: str, features: list[torch.Tensor], inputs: dict) -> list[Unit]:
         """The units of every image (or video) of the batch in order, from its projected

@@ -40,6 +40,15 @@ class LlavaNextAdapter(Adapter):
         mask = super().special_token_mask(input_ids)
         return mask if video is None else mask | (input_ids == video)
 
+    def tower_images_in(self, inputs: dict) -> int:
+        """An image's base view and tiles, as the processor stacks them: (images, views, 3, h, w).
+        Images of other aspect ratios are padded to the batch's most views, so this counts the
+        padding views too (the tower skips them), but reads no tensor's values."""
+        pixels = inputs.get("pixel_values")
+        if pixels is None:
+            return 0
+        return pixels.shape[0] * (pixels.shape[1] if pixels.dim() == 5 else 1)
+
     def units(self, modality: str, features: list[torch.Tensor], inputs: dict) -> list[Unit]:
         vision = self.model.config.vision_config
         side = vision.image_size // vision.patch_size
@@ -64,4 +73,4 @@ def anyres_units(features: torch.Tensor, side: int, newline: torch.Tensor) -> li
         )
     if cols == 0:
         return [Unit(base + 1, (side, side), torch.arange(base))]
-    return [Unit(base, (side, side)), Unit(len(tiles), (rows, cols), (~is_newline).nonzero().flatten())]
+    return [Unit(base, (side, side)), Unit(len(tiles), (rows, cols), (~is_newline).nonzero().flatten(), tiles=True)]

@@ -2,6 +2,11 @@
 each recipe for each training seed, then evaluated with the full model; one table (means
 over seeds with their min and max), two plots, one JSON.
 
+Presets (`--preset`), each a scale model of a 7B model's training (tests/test_flops.py):
+- `llava-1.5`: one 64 px view, 64 visual tokens an image: LLaVA-1.5-7B's;
+- `llava-next`: the same model and scenes in LLaVA-NeXT's anyres form: 128 px images as a base
+  view and 2 x 2 tiles with newlines, 336 visual tokens an image: LLaVA-NeXT-7B's.
+
 Writes DIR/results.json, DIR/loss.png and DIR/accuracy.png.
 
 Recipes (overrides of the shipped `demo` recipe):
@@ -18,11 +23,12 @@ import datetime
 import json
 import platform
 import statistics
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from sts.cli.data.synth import generate
+from sts.cli.data.synth import IMAGE_SIZE, generate
 from sts.cli.evaluate import evaluate
 from sts.cli.flops import recipe_flops
 from sts.cli.presets import LLAVA_15_DATA, LLAVA_NEXT_DATA, image_geometry, preset
@@ -43,15 +49,53 @@ RECIPES = {
         "stages.1.vtc={strategy: pool, keep_ratio: 0.25, proportional_attention: true}",
         "lds=null",
     ],
+    # Anyres (the llava-next preset): both stages on 2x2 windows of the base view and 4x4 windows of
+    # the tiles, which show the same image at twice the resolution; so both views come down to the
+    # same grid, each token a window of the image as large as one of `sts-max`'s instruction tokens.
+    "sts-tiles": [
+        "vtc.tile_keep_ratio=0.0625",
+        "stages.1.vtc={strategy: pool, keep_ratio: 0.25, tile_keep_ratio: 0.0625, proportional_attention: true}",
+        "lds=null",
+    ],
 }
 EQUAL_TIME = "baseline-equal-time"
 
 
-def select_recipes(specs: list[str] | None) -> dict[str, list[str]]:
-    """`--recipe` values -> recipes to run. `NAME` picks a shipped one, `NAME=key=value ...` defines
-    a variant of the demo recipe; `baseline` always runs first, as every comparison needs it."""
+@dataclass(frozen=True)
+class DemoPreset:
+    """What the demo trains: overrides of every recipe, and the synthetic images' size."""
+
+    description: str
+    overrides: tuple[str, ...] = ()
+    image_size: int = IMAGE_SIZE
+    recipes: tuple[str, ...] = ("baseline", "sts", "sts-max")  # what `sts demo` runs by default
+
+
+PRESETS = {
+    "llava-1.5": DemoPreset("the tiny LLaVA: 64 visual tokens an image; a scale model of LLaVA-1.5-7B's training"),
+    "llava-next": DemoPreset(
+        "the tiny model in LLaVA-NeXT's anyres form: 336 visual tokens an image; a scale model of LLaVA-NeXT-7B's",
+        # 100 alignment steps to 200: alignment's share of the FLOPs as in LLaVA-NeXT-7B's training
+        # (558K captions, then 1M conversations), 27%.
+        ("model.family=llava-next", "stages.0.max_steps=100"),
+        image_size=2 * IMAGE_SIZE,
+        recipes=("baseline", "sts", "sts-max", "sts-tiles"),
+    ),
+}
+
+
+def demo_preset(name: str) -> DemoPreset:
+    if name not in PRESETS:
+        raise ConfigError(f"--preset {name!r}: not one of {sorted(PRESETS)}")
+    return PRESETS[name]
+
+
+def select_recipes(specs: list[str] | None, preset: str = "llava-1.5") -> dict[str, list[str]]:
+    """`--recipe` values -> recipes to run (none: the preset's). `NAME` picks a shipped one,
+    `NAME=key=value ...` defines a variant of the demo recipe; `baseline` always runs first, as
+    every comparison needs it."""
     if not specs:
-        return dict(RECIPES)
+        return {name: RECIPES[name] for name in demo_preset(preset).recipes}
     recipes = {"baseline": RECIPES["baseline"]}
     for spec in specs:
         name, _, overrides = spec.partition("=")
@@ -167,7 +211,7 @@ def aggregate(per_seed: dict[int, dict]) -> dict:
 def format_results(results: dict) -> str:
     runs, seeds = results["runs"], results["seeds"]
     lines = [
-        f"sts demo on {results['machine']}, {results['date']}; training seeds {seeds}"
+        f"sts demo --preset {results['preset']} on {results['machine']}, {results['date']}; training seeds {seeds}"
         + (" (means over seeds; min-max in the last columns)" if len(seeds) > 1 else ""),
         f"{'recipe':<20}{'stage':<10}{'time s':>8}{'samples/s':>11}{'TFLOPs':>9}{'peak GB':>9}",
     ]
@@ -226,7 +270,7 @@ def plot(results: dict, out: Path) -> None:
     import matplotlib.pyplot as plt
 
     runs, first = results["runs"], str(results["seeds"][0])
-    caption = f"sts demo, {results['machine']}, {results['date']}"
+    caption = f"sts demo --preset {results['preset']}, {results['machine']}, {results['date']}"
     figure, axis = plt.subplots(figsize=(7, 4.2))
     for name, run in runs.items():
         offset, times, values = 0.0, [], []
@@ -276,15 +320,20 @@ def run_demo(
     train: int = 4000,
     test: int = 750,
     seed: int = 0,
-    recipes: dict[str, list[str]] = RECIPES,
+    recipes: dict[str, list[str]] | None = None,
     extra: list[str] = (),
     seeds: list[int] = (0,),
     equal_time: bool = True,
+    preset: str = "llava-1.5",
 ) -> dict:
-    """Data from `seed`; every recipe trained with every training seed in `seeds`; with
-    `equal_time`, the dense recipe cut to the fastest STS recipe's time too."""
-    out = Path(out)
-    data = generate(out / "data", train, test, seed, align=train)
+    """Data from `seed`; every recipe (default: the preset's) trained with every training seed in
+    `seeds` on `preset`'s model; with `equal_time`, the dense recipe cut to the fastest STS
+    recipe's time too."""
+    out, shape = Path(out), demo_preset(preset)
+    recipes = recipes or select_recipes(None, preset)
+    extra = [*shape.overrides, *extra]
+    print(f"sts demo --preset {preset}: {shape.description}")
+    data = generate(out / "data", train, test, seed, align=train, image_size=shape.image_size)
     per_seed = {}
     for training_seed in seeds:
         runs = {}
@@ -319,6 +368,7 @@ def run_demo(
     results = {
         "date": datetime.date.today().isoformat(),
         "machine": machine(),
+        "preset": preset,
         "seeds": list(seeds),
         "runs": aggregate(per_seed),
     }

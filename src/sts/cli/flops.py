@@ -134,18 +134,25 @@ def samples_step_flops(
 @dataclass(frozen=True)
 class ImageGeometry:
     """One image as the language model and the compressor see it: the grids of its units (a fixed
-    tower's one grid; anyres: the base view and the tiles), the visual tokens no compressor takes
-    (anyres rows' newlines), and the images the vision tower encodes for it."""
+    tower's one grid; anyres: the base view, and the tiles' grid, a finer view of the same image),
+    the visual tokens no compressor takes (anyres rows' newlines), and the images the vision tower
+    encodes for it."""
 
     grids: tuple[tuple[int, int], ...]
     fixed_tokens: int = 0
     tower_images: int = 1
+    tiles: tuple[tuple[int, int], ...] = ()
 
     def tokens(self) -> int:
-        return sum(rows * cols for rows, cols in self.grids) + self.fixed_tokens
+        return sum(rows * cols for rows, cols in self.grids + self.tiles) + self.fixed_tokens
 
-    def kept(self, strategy: str, keep_ratio: float) -> int:
-        return sum(kept_tokens(strategy, grid, keep_ratio) for grid in self.grids) + self.fixed_tokens
+    def kept(self, strategy: str, keep_ratio: float, tile_keep_ratio: float | None = None) -> int:
+        tile_ratio = keep_ratio if tile_keep_ratio is None else tile_keep_ratio
+        return (
+            sum(kept_tokens(strategy, grid, keep_ratio) for grid in self.grids)
+            + sum(kept_tokens(strategy, grid, tile_ratio) for grid in self.tiles)
+            + self.fixed_tokens
+        )
 
 
 def recipe_flops(
@@ -179,7 +186,8 @@ def recipe_flops(
                 + (1 - sts.vtc.full_tokens_final_fraction) * sts.vtc.full_tokens_random_fraction
             )
             compressed = sum(
-                share * per_sample(geometry.kept(sts.vtc.strategy, ratio)) for share, ratio in sts.vtc.phases()
+                share * per_sample(geometry.kept(sts.vtc.strategy, ratio, sts.vtc.tile_keep_ratio))
+                for share, ratio in sts.vtc.phases()
             )
             cost = full * cost + (1 - full) * compressed
         flops.append(samples * fraction * cost)

@@ -33,7 +33,7 @@ class StepMeter(TrainerCallback):
                     self.shapes,
                     forward["batch_size"],
                     forward["lm_seq_len"],
-                    forward["images"],
+                    forward["tower_images"],
                     self.trains,
                     layers_run,
                 ).values()

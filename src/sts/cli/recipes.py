@@ -165,6 +165,11 @@ class StageConfig(Strict):
 class ModelConfig(Strict):
     path: str | None = Field(default=None, description="a local checkpoint; None builds the tiny model")
     tiny: TinyModelConfig = TinyModelConfig()
+    family: Literal["llava", "llava-next"] = Field(
+        default="llava",
+        description="tiny model: LLaVA (one view), or LLaVA-NeXT's anyres form (a base view and 2 x 2 "
+        "tiles of images twice the tower's size, newline tokens) on the same base weights",
+    )
     base: bool = Field(default=True, description="tiny model: start from the shipped pre-trained tower and LM")
     trust_remote_code: bool = Field(
         default=False,

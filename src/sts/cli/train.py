@@ -40,8 +40,8 @@ DEEPSPEED_CONFIGS = Path(__file__).resolve().parent / "configs" / "deepspeed"
 def initial_model(cfg: RecipeConfig):
     if cfg.model.path:
         return load_model_and_processor(cfg.model.path, cfg.model.trust_remote_code)
-    model = tiny.build_model(cfg.model.tiny, seed=cfg.seed, base=cfg.model.base)
-    return model, tiny.build_processor(cfg.model.tiny)
+    model = tiny.build_model(cfg.model.tiny, seed=cfg.seed, base=cfg.model.base, family=cfg.model.family)
+    return model, tiny.build_processor(cfg.model.tiny, cfg.model.family)
 
 
 def training_arguments(stage: StageConfig, output_dir: Path, seed: int, **engine) -> TrainingArguments:

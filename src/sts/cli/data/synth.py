@@ -45,18 +45,20 @@ class SceneObject:
     col: int
 
 
-def draw_scene(objects: list[SceneObject]) -> Image.Image:
-    image = Image.new("RGB", (IMAGE_SIZE, IMAGE_SIZE), BACKGROUND)
+def draw_scene(objects: list[SceneObject], size: int = IMAGE_SIZE) -> Image.Image:
+    """The scene at `size` px a side (the same drawing at any multiple of IMAGE_SIZE)."""
+    scale, cell = size // IMAGE_SIZE, size // GRID
+    image = Image.new("RGB", (size, size), BACKGROUND)
     pen = ImageDraw.Draw(image)
-    margin = 1
+    margin = scale
     for obj in objects:
-        x0, y0 = obj.col * CELL + margin, obj.row * CELL + margin
-        x1, y1 = x0 + CELL - 2 * margin - 1, y0 + CELL - 2 * margin - 1
+        x0, y0 = obj.col * cell + margin, obj.row * cell + margin
+        x1, y1 = x0 + cell - 2 * margin - 1, y0 + cell - 2 * margin - 1
         fill = COLOURS[obj.colour]
         if obj.shape == "circle":
             pen.ellipse((x0, y0, x1, y1), fill=fill)
         elif obj.shape == "square":
-            pen.rectangle((x0 + 1, y0 + 1, x1 - 1, y1 - 1), fill=fill)
+            pen.rectangle((x0 + scale, y0 + scale, x1 - scale, y1 - scale), fill=fill)
         else:
             pen.polygon(((x0 + x1) / 2, y0, x1, y1, x0, y1), fill=fill)
     return image
@@ -130,19 +132,21 @@ def question_kinds(index: int, questions: int, rng: random.Random) -> list[str]:
     return kinds
 
 
-def make_record(index: int, split: str, rng: random.Random, questions: int) -> tuple[dict, Image.Image]:
+def make_record(
+    index: int, split: str, rng: random.Random, questions: int, image_size: int = IMAGE_SIZE
+) -> tuple[dict, Image.Image]:
     """One image and its record: a caption (`questions` 0) or a conversation of `questions` turns."""
     objects = random_scene(rng)
     if questions == 0:
         conversations = [{"from": "human", "value": "<image>"}, {"from": "gpt", "value": caption(objects)}]
-        return image_record(index, split, objects, conversations), draw_scene(objects)
+        return image_record(index, split, objects, conversations), draw_scene(objects, image_size)
     conversations = []
     for turn, kind in enumerate(question_kinds(index, questions, rng)):
         question, answer = ask(kind, objects, rng)
         prompt = f"<image>\n{question}" if turn == 0 else question
         conversations.append({"from": "human", "value": prompt, "type": kind})
         conversations.append({"from": "gpt", "value": answer})
-    return image_record(index, split, objects, conversations), draw_scene(objects)
+    return image_record(index, split, objects, conversations), draw_scene(objects, image_size)
 
 
 def image_record(index: int, split: str, objects: list[SceneObject], conversations: list[dict]) -> dict:
@@ -154,12 +158,12 @@ def image_record(index: int, split: str, objects: list[SceneObject], conversatio
     }
 
 
-def write_split(out: Path, split: str, count: int, seed: int, questions: int) -> Path:
+def write_split(out: Path, split: str, count: int, seed: int, questions: int, image_size: int = IMAGE_SIZE) -> Path:
     rng = random.Random(f"{seed}-{split}")
     (out / "images").mkdir(parents=True, exist_ok=True)
     records = []
     for index in tqdm(range(count), desc=f"synth {split}", leave=False):
-        record, image = make_record(index, split, rng, questions)
+        record, image = make_record(index, split, rng, questions, image_size)
         image.save(out / record["image"])
         records.append(record)
     path = out / f"{split}.json"
@@ -168,21 +172,29 @@ def write_split(out: Path, split: str, count: int, seed: int, questions: int) ->
 
 
 def generate(
-    out: str | Path, train: int, test: int, seed: int = 0, questions: int = 2, align: int = 0
+    out: str | Path,
+    train: int,
+    test: int,
+    seed: int = 0,
+    questions: int = 2,
+    align: int = 0,
+    image_size: int = IMAGE_SIZE,
 ) -> dict[str, Path]:
     """Write DIR/train.json and DIR/test.json (conversations of `questions` turns, each of a
     distinct type while there are types left), DIR/align.json if `align` (caption records) and
-    DIR/images/."""
+    DIR/images/ (`image_size` px a side: a multiple of IMAGE_SIZE; the scenes do not depend on it)."""
     if train < 1 or test < 1 or questions < 1 or align < 0:
         raise ConfigError(
             f"--train, --test and --questions must be positive and --align not negative, "
             f"got {train}, {test}, {questions} and {align}"
         )
+    if image_size < IMAGE_SIZE or image_size % IMAGE_SIZE:
+        raise ConfigError(f"--image-size {image_size}: must be a multiple of {IMAGE_SIZE} px")
     out = Path(out)
-    paths = {"align": write_split(out, "align", align, seed, questions=0)} if align else {}
+    paths = {"align": write_split(out, "align", align, seed, 0, image_size)} if align else {}
     return paths | {
-        "train": write_split(out, "train", train, seed, questions),
-        "test": write_split(out, "test", test, seed, questions),
+        "train": write_split(out, "train", train, seed, questions, image_size),
+        "test": write_split(out, "test", test, seed, questions, image_size),
     }
 
 

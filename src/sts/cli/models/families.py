@@ -19,7 +19,6 @@ from transformers import (
     CLIPVisionConfig,
     LlamaConfig,
     LlavaNextConfig,
-    LlavaNextProcessor,
     LlavaOnevisionConfig,
     LlavaOnevisionProcessor,
     PreTrainedTokenizerFast,
@@ -34,7 +33,7 @@ from transformers import (
 )
 
 from sts.cli.data.synth import vocabulary
-from sts.cli.models.tiny import CHAT_TEMPLATE, build_config, build_processor
+from sts.cli.models.tiny import CHAT_TEMPLATE, build_config, build_processor, llava_next_processor
 from sts.compat import pil_image_processor
 
 PATCH = 8
@@ -260,21 +259,7 @@ def build_anyres(name: str):
             vision_feature_layer=-1,
             vision_feature_select_strategy="default",
         )
-        image_processor = pil_image_processor("LlavaNextImageProcessor")(
-            size={"shortest_edge": image_size},
-            crop_size=size,
-            image_grid_pinpoints=pinpoints,
-            image_mean=[0.5] * 3,
-            image_std=[0.5] * 3,
-        )
-        processor = LlavaNextProcessor(
-            image_processor=image_processor,
-            tokenizer=tokenizer,
-            patch_size=PATCH,
-            vision_feature_select_strategy="default",
-            chat_template=CHAT_TEMPLATE,
-            num_additional_image_tokens=1,
-        )
+        processor = llava_next_processor(tokenizer, image_size, PATCH, pinpoints, CHAT_TEMPLATE)
     else:
         vision = toy_tower(SiglipVisionConfig, image_size)
         config = LlavaOnevisionConfig(

@@ -1,4 +1,5 @@
-"""The embedded default: a real transformers LLaVA (CLIP tower + Llama), built from configs.
+"""The embedded default: a real transformers LLaVA (CLIP tower + Llama), built from configs;
+also in LLaVA-NeXT's anyres form (`family="llava-next"`), from the same base weights.
 
 Nothing comes from a hub. The tokenizer is a word-level `PreTrainedTokenizerFast` made
 from the synthetic data's vocabulary; the processor is a real `LlavaProcessor`. The base
@@ -21,6 +22,9 @@ from transformers import (
     LlamaConfig,
     LlavaConfig,
     LlavaForConditionalGeneration,
+    LlavaNextConfig,
+    LlavaNextForConditionalGeneration,
+    LlavaNextProcessor,
     LlavaProcessor,
     PreTrainedTokenizerFast,
 )
@@ -33,6 +37,10 @@ BASE_WEIGHTS = Path(__file__).resolve().parent.parent / "assets" / "tiny-base.sa
 SPECIAL_TOKENS = ["<pad>", "<unk>", "<s>", "</s>", "<image>"]
 IMAGE_TOKEN = "<image>"
 TEMPLATE_WORDS = ["USER", "ASSISTANT", ":"]
+FAMILIES = ("llava", "llava-next")
+# The LLaVA-NeXT form reads an image twice the tower's size as a base view (the whole image at the
+# tower's size) and 2 x 2 tiles, as LLaVA-NeXT-7B reads a 672 px image with its 336 px CLIP.
+ANYRES_TILES = 2
 
 # LLaVA-1.5's conversation format; `sts.cli.data.llava` writes the same text segment by segment.
 CHAT_TEMPLATE = (
@@ -68,8 +76,36 @@ def build_tokenizer() -> PreTrainedTokenizerFast:
     return tokenizer
 
 
-def build_processor(cfg: TinyModelConfig | None = None) -> LlavaProcessor:
+def anyres_pinpoints(tile: int, tiles: int = ANYRES_TILES) -> list[list[int]]:
+    """LLaVA-NeXT's resolutions up to `tiles` x `tiles` tiles: the square and both oblongs."""
+    return [[tile, tiles * tile], [tiles * tile, tile], [tiles * tile, tiles * tile]]
+
+
+def llava_next_processor(tokenizer, image_size: int, patch_size: int, pinpoints, chat_template: str):
+    """LLaVA-NeXT's own processor: CLIP's "default" features (the CLS token dropped) of a base view
+    and of the tiles of the best-fitting pinpoint."""
+    image_processor = pil_image_processor("LlavaNextImageProcessor")(
+        size={"shortest_edge": image_size},
+        crop_size={"height": image_size, "width": image_size},
+        image_grid_pinpoints=pinpoints,
+        image_mean=[0.5] * 3,
+        image_std=[0.5] * 3,
+    )
+    return LlavaNextProcessor(
+        image_processor=image_processor,
+        tokenizer=tokenizer,
+        patch_size=patch_size,
+        vision_feature_select_strategy="default",
+        chat_template=chat_template,
+        num_additional_image_tokens=1,
+    )
+
+
+def build_processor(cfg: TinyModelConfig | None = None, family: str = "llava") -> LlavaProcessor | LlavaNextProcessor:
     cfg = cfg or TinyModelConfig()
+    if family == "llava-next":
+        pinpoints = anyres_pinpoints(cfg.image_size)
+        return llava_next_processor(build_tokenizer(), cfg.image_size, cfg.patch_size, pinpoints, CHAT_TEMPLATE)
     image_processor = pil_image_processor("CLIPImageProcessor")(
         size={"shortest_edge": cfg.image_size},
         crop_size={"height": cfg.image_size, "width": cfg.image_size},
@@ -86,7 +122,11 @@ def build_processor(cfg: TinyModelConfig | None = None) -> LlavaProcessor:
     )
 
 
-def build_config(cfg: TinyModelConfig | None = None) -> LlavaConfig:
+def build_config(cfg: TinyModelConfig | None = None, family: str = "llava") -> LlavaConfig | LlavaNextConfig:
+    """The tiny model's config in the form of `family` (one of FAMILIES): the same tower and
+    language model either way, so the same base weights fit both."""
+    if family not in FAMILIES:
+        raise ValueError(f"model.family {family!r}: not one of {FAMILIES}")
     cfg = cfg or TinyModelConfig()
     tokenizer = build_tokenizer()
     vision = CLIPVisionConfig(
@@ -110,30 +150,46 @@ def build_config(cfg: TinyModelConfig | None = None) -> LlavaConfig:
         pad_token_id=tokenizer.pad_token_id,
         tie_word_embeddings=False,
     )
-    num_patches = (cfg.image_size // cfg.patch_size) ** 2
-    config = LlavaConfig(
-        vision_config=vision,
-        text_config=text,
-        image_token_index=tokenizer.convert_tokens_to_ids(IMAGE_TOKEN),
-        projector_hidden_act="gelu",
-        vision_feature_select_strategy="default",
-        vision_feature_layer=-1,
-        image_seq_length=num_patches,
-    )
+    image_token = tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
+    if family == "llava-next":
+        config = LlavaNextConfig(
+            vision_config=vision,
+            text_config=text,
+            image_token_index=image_token,
+            image_grid_pinpoints=anyres_pinpoints(cfg.image_size),
+            projector_hidden_act="gelu",
+            vision_feature_select_strategy="default",
+            vision_feature_layer=-1,
+        )
+    else:
+        config = LlavaConfig(
+            vision_config=vision,
+            text_config=text,
+            image_token_index=image_token,
+            projector_hidden_act="gelu",
+            vision_feature_select_strategy="default",
+            vision_feature_layer=-1,
+            image_seq_length=(cfg.image_size // cfg.patch_size) ** 2,
+        )
     config.pad_token_id = tokenizer.pad_token_id
     return config
 
 
 def is_base_part(name: str) -> bool:
-    """Base weights are the vision tower and the language model; never the projector."""
-    return "multi_modal_projector" not in name
+    """Base weights are the vision tower and the language model; never the projector (nor
+    LLaVA-NeXT's image_newline, a visual token made and trained with it)."""
+    return "multi_modal_projector" not in name and "image_newline" not in name
 
 
-def build_model(cfg: TinyModelConfig | None = None, seed: int = 0, base: bool = True) -> LlavaForConditionalGeneration:
-    """A random-initialised tiny LLaVA; with `base`, the shipped pre-trained tower and LM."""
+def build_model(
+    cfg: TinyModelConfig | None = None, seed: int = 0, base: bool = True, family: str = "llava"
+) -> LlavaForConditionalGeneration | LlavaNextForConditionalGeneration:
+    """A random-initialised tiny LLaVA (or LLaVA-NeXT); with `base`, the shipped pre-trained tower and LM."""
     cfg = cfg or TinyModelConfig()
+    config = build_config(cfg, family)
     torch.manual_seed(seed)
-    model = LlavaForConditionalGeneration(build_config(cfg))
+    model_class = LlavaNextForConditionalGeneration if family == "llava-next" else LlavaForConditionalGeneration
+    model = model_class(config)
     if base:
         load_base_weights(model, cfg)
     return model
