@@ -101,7 +101,7 @@ def cmd_demo(args) -> None:
     from sts.cli.demo import run_demo, select_recipes
 
     run_demo(
-        args.out or ("runs/demo" if args.preset == "llava-1.5" else f"runs/demo-{args.preset}"),
+        args.out,
         train=args.train,
         test=args.test,
         seed=args.seed,

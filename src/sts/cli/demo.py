@@ -316,7 +316,7 @@ def plot(results: dict, out: Path) -> None:
 
 
 def run_demo(
-    out: str | Path = "runs/demo",
+    out: str | Path | None = None,
     train: int = 4000,
     test: int = 750,
     seed: int = 0,
@@ -328,8 +328,9 @@ def run_demo(
 ) -> dict:
     """Data from `seed`; every recipe (default: the preset's) trained with every training seed in
     `seeds` on `preset`'s model; with `equal_time`, the dense recipe cut to the fastest STS
-    recipe's time too."""
-    out, shape = Path(out), demo_preset(preset)
+    recipe's time too. `out` defaults to runs/demo (runs/demo-PRESET for another preset)."""
+    shape = demo_preset(preset)
+    out = Path(out or ("runs/demo" if preset == "llava-1.5" else f"runs/demo-{preset}"))
     recipes = recipes or select_recipes(None, preset)
     extra = [*shape.overrides, *extra]
     print(f"sts demo --preset {preset}: {shape.description}")

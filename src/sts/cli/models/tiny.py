@@ -37,7 +37,8 @@ BASE_WEIGHTS = Path(__file__).resolve().parent.parent / "assets" / "tiny-base.sa
 SPECIAL_TOKENS = ["<pad>", "<unk>", "<s>", "</s>", "<image>"]
 IMAGE_TOKEN = "<image>"
 TEMPLATE_WORDS = ["USER", "ASSISTANT", ":"]
-FAMILIES = ("llava", "llava-next")
+MODEL_CLASSES = {"llava": LlavaForConditionalGeneration, "llava-next": LlavaNextForConditionalGeneration}
+FAMILIES = tuple(MODEL_CLASSES)
 # The LLaVA-NeXT form reads an image twice the tower's size as a base view (the whole image at the
 # tower's size) and 2 x 2 tiles, as LLaVA-NeXT-7B reads a 672 px image with its 336 px CLIP.
 ANYRES_TILES = 2
@@ -150,27 +151,18 @@ def build_config(cfg: TinyModelConfig | None = None, family: str = "llava") -> L
         pad_token_id=tokenizer.pad_token_id,
         tie_word_embeddings=False,
     )
-    image_token = tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
+    common = {
+        "vision_config": vision,
+        "text_config": text,
+        "image_token_index": tokenizer.convert_tokens_to_ids(IMAGE_TOKEN),
+        "projector_hidden_act": "gelu",
+        "vision_feature_select_strategy": "default",
+        "vision_feature_layer": -1,
+    }
     if family == "llava-next":
-        config = LlavaNextConfig(
-            vision_config=vision,
-            text_config=text,
-            image_token_index=image_token,
-            image_grid_pinpoints=anyres_pinpoints(cfg.image_size),
-            projector_hidden_act="gelu",
-            vision_feature_select_strategy="default",
-            vision_feature_layer=-1,
-        )
+        config = LlavaNextConfig(**common, image_grid_pinpoints=anyres_pinpoints(cfg.image_size))
     else:
-        config = LlavaConfig(
-            vision_config=vision,
-            text_config=text,
-            image_token_index=image_token,
-            projector_hidden_act="gelu",
-            vision_feature_select_strategy="default",
-            vision_feature_layer=-1,
-            image_seq_length=(cfg.image_size // cfg.patch_size) ** 2,
-        )
+        config = LlavaConfig(**common, image_seq_length=(cfg.image_size // cfg.patch_size) ** 2)
     config.pad_token_id = tokenizer.pad_token_id
     return config
 
@@ -188,8 +180,7 @@ def build_model(
     cfg = cfg or TinyModelConfig()
     config = build_config(cfg, family)
     torch.manual_seed(seed)
-    model_class = LlavaNextForConditionalGeneration if family == "llava-next" else LlavaForConditionalGeneration
-    model = model_class(config)
+    model = MODEL_CLASSES[family](config)
     if base:
         load_base_weights(model, cfg)
     return model
