@@ -327,6 +327,28 @@ def test_proportional_attention_as_a_key_bias_is_the_eager_mask_on_every_family(
         assert torch.allclose(grad, eager_grads[name], atol=1e-5), name
 
 
+def test_deep_cuts_shorten_the_deep_layers_keep_the_answers_and_train_alike_on_every_kernel(family):
+    """The last layer reads half of each image's pooled tokens (past Qwen3-VL's DeepStack layers):
+    the labels are the answers still, and SDPA's key bias gives eager's loss and gradients."""
+    cfg = {"vtc": {"strategy": "pool", "keep_ratio": 0.25, "proportional_attention": True, "deep_cuts": [[0.75, 0.5]]}}
+    eager = trained_once(family, cfg, "eager")
+    model, batch = fresh(family)
+    seen = []
+    original = model.loss_function
+    model.loss_function = lambda logits, labels, **kw: seen.append(labels) or original(logits, labels, **kw)
+    sts.apply_sts(model, cfg)
+    sts.set_progress(model, 0, 10)
+    loss = model(**batch).loss
+    loss.backward()
+    stats = sts.step_stats(model)
+    [(layer, length)] = stats["deep_seq_lens"]
+    assert layer == round(0.75 * get_adapter(model).num_layers) and length < stats["lm_seq_len"]
+    for row in range(3):
+        answers = batch["labels"][row][batch["labels"][row] != IGNORE_INDEX]
+        assert torch.equal(seen[-1][row][seen[-1][row] != IGNORE_INDEX], answers)
+    assert_same_training(eager, (loss, {n: p.grad for n, p in model.named_parameters() if p.grad is not None}))
+
+
 def trained_once(family, cfg: dict | None, attention: str = "sdpa", batch=None):
     """Loss and gradients of one training forward and backward with STS `cfg` attached (None: the
     plain model), on the family's batch or `batch`."""

@@ -7,7 +7,7 @@ import sts
 from sts.adapters import get_adapter
 from sts.cli.data.collate import Collator
 from sts.cli.data.dataset import LlavaDataset
-from sts.cli.flops import Shapes, train_step_flops
+from sts.cli.flops import Shapes, deep_segments, train_step_flops
 from sts.cli.models.tiny import build_model
 from tests.conftest import TEST_SIZES
 
@@ -31,7 +31,7 @@ def measured_step(model, batch):
 
 
 @pytest.mark.parametrize("stage", STAGES)
-@pytest.mark.parametrize("sparsity", [None, "vtc", "lds"])
+@pytest.mark.parametrize("sparsity", [None, "vtc", "lds", "deep-cuts-and-lds"])
 def test_analytic_flops_match_the_flop_counter(batch, stage, sparsity):
     model = build_model(TEST_SIZES.model_copy(update={"text_layers": 6}), base=False).train()
     model.set_attn_implementation("eager")  # the counter does not see the CPU's fused SDPA kernel
@@ -40,12 +40,17 @@ def test_analytic_flops_match_the_flop_counter(batch, stage, sparsity):
         sts.apply_sts(model, {"vtc": {"strategy": "uniform", "keep_ratio": 0.25}})
     elif sparsity == "lds":
         sts.apply_sts(model, {"lds": {"alpha": 0.9}})
+    elif sparsity == "deep-cuts-and-lds":  # cuts after layers 2 and 4; some layers skipped
+        deep_cuts = [[0.34, 0.5], [0.67, 0.25]]
+        sts.apply_sts(model, {"vtc": {"keep_ratio": 0.5, "deep_cuts": deep_cuts}, "lds": {"alpha": 0.9}})
     measured = measured_step(model, batch)
-    length, layers_run = batch["input_ids"].shape[1], 6
+    length, layers_run, deep = batch["input_ids"].shape[1], 6, ()
     if sparsity:
         stats = sts.step_stats(model)
         length, layers_run = stats["lm_seq_len"], 6 - len(stats["skipped_layers"])
+        deep = deep_segments(6, stats["skipped_layers"], stats["deep_seq_lens"])
         assert layers_run < 6 if sparsity == "lds" else length < batch["input_ids"].shape[1]
+        assert [layer for layer, _ in stats["deep_seq_lens"]] == ([2, 4] if sparsity.startswith("deep") else [])
     predicted = sum(
         train_step_flops(
             Shapes.of(model.config),
@@ -54,6 +59,7 @@ def test_analytic_flops_match_the_flop_counter(batch, stage, sparsity):
             len(batch["pixel_values"]),
             STAGES[stage],
             layers_run,
+            deep,
         ).values()
     )
     assert predicted == pytest.approx(measured, rel=0.05)

@@ -36,6 +36,17 @@ class VTCConfig(Strict):
         "scale what the base view shows whole; None: the tiles keep what the base view keeps (keep_ratio and "
         "its schedule). 0.0625 with keep_ratio 0.25 pools the 2 x 2 tiles to the base view's pooled grid",
     )
+    deep_cuts: list[tuple[float, float]] = Field(
+        default=[],
+        description="[[depth, keep_ratio], ...]: inside the language model, from the layer at each depth (a "
+        "share of its layers, ascending in (0, 1)) on, every image keeps only keep_ratio (descending) of the "
+        "visual tokens it had when the language model received it (sts.deep; PyramidDrop's progressive "
+        "dropping). [[0.5, 0.5]]: the second half of the layers reads half of each image's tokens",
+    )
+    deep_strategy: Literal["uniform", "text_guided"] = Field(
+        default="uniform",
+        description="which tokens a deep cut keeps: evenly spaced, or those most like the last prompt token there",
+    )
     reindex_positions: bool = Field(default=False, description="False: kept tokens keep their original position ids")
     stages: list[str] = Field(default=["align"], description="recipe stages it is active in")
     full_tokens_final_fraction: float = Field(
@@ -59,6 +70,21 @@ class VTCConfig(Strict):
         if starts != sorted(starts) or not all(0 <= s < 1 for s in starts) or not all(0 < r <= 1 for _, r in points):
             raise ValueError(
                 "needs [progress, keep_ratio] points with ascending progress in [0, 1) and ratios in (0, 1]"
+            )
+        return points
+
+    @field_validator("deep_cuts")
+    @classmethod
+    def deeper_and_fewer(cls, points: list[tuple[float, float]]) -> list[tuple[float, float]]:
+        depths, ratios = [d for d, _ in points], [r for _, r in points]
+        if (
+            depths != sorted(set(depths))
+            or ratios != sorted(ratios, reverse=True)
+            or not all(0 < d < 1 for d in depths)
+            or not all(0 < r <= 1 for r in ratios)
+        ):
+            raise ValueError(
+                "needs [depth, keep_ratio] points with ascending depths in (0, 1) and descending ratios in (0, 1]"
             )
         return points
 

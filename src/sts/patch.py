@@ -26,6 +26,7 @@ from sts.attention import install as install_key_bias
 from sts.attention import key_bias as proportional_key_bias
 from sts.config import STSConfig
 from sts.cut import IGNORE_INDEX, Cut, cut_batch
+from sts.deep import DeepCut, cut_layers, cutting_layers
 from sts.draws import seeded_coin
 from sts.lds import draw_skips
 from sts.pack import Packing, is_flattened, pack, sample_ids
@@ -164,6 +165,7 @@ def begin_forward(state: STSState, kwargs: dict) -> ForwardPlan:
         "visual_tokens_kept": 0,
         "input_seq_len": 0,
         "lm_seq_len": 0,
+        "deep_seq_lens": [],  # (layer, length) of each deep cut: the sequence from that layer on
     }
     if input_ids is not None:
         visual = int(state.adapter.visual_token_mask(input_ids).sum())
@@ -187,6 +189,9 @@ def begin_forward(state: STSState, kwargs: dict) -> ForwardPlan:
     if skipped:
         plan.contexts.enter_context(state.adapter.without_layers(skipped))
         kwargs["use_cache"] = False
+    if compressing and state.cfg.vtc.deep_cuts:  # wraps the layers as they are now, skipped ones too
+        first = min(layer for layer, _ in cut_layers(state.cfg.vtc.deep_cuts, state.adapter.num_layers))
+        plan.contexts.enter_context(cutting_layers(state.adapter.decoder_layers(), first, lambda: plan.cut.deep))
     return plan
 
 
@@ -215,6 +220,8 @@ def end_forward(model, state: STSState, plan: ForwardPlan, kwargs: dict, output)
             "the loop): the skipper stays at its peak rate and the compressor's schedules never move",
             stacklevel=3,
         )
+    if plan.cut is not None and plan.cut.deep is not None:
+        state.stats["deep_seq_lens"] = plan.cut.deep.lengths
     state.history.append(dict(state.stats))
     state.window.add(state.stats)
     if plan.cut is not None and not plan.cut.ran:
@@ -312,12 +319,14 @@ class PendingCut:
         self.ran = False
         self.result: Cut | None = None
         self.packing: Packing | None = None
+        self.deep: DeepCut | None = None
 
     def cut_labels(self, labels: torch.Tensor) -> torch.Tensor:
         """The labels of the sequence the language model read: cut, then packed, as the tokens were."""
         if self.result is not None:
             labels = self.result.pick(labels, IGNORE_INDEX)
-        return labels if self.packing is None else self.packing.labels(labels, IGNORE_INDEX)
+        labels = labels if self.packing is None else self.packing.labels(labels, IGNORE_INDEX)
+        return labels if self.deep is None else self.deep.pick(labels, IGNORE_INDEX)
 
 
 def cut_at_language_model(state: STSState):
@@ -353,11 +362,39 @@ def cut_pending(state: STSState, args: tuple, kwargs: dict):
         if vtc.proportional_attention and adapter.attention() == "eager":
             key_bias = proportional_key_bias(pending.result.sizes)
     if samples is not None and (pending.pack or is_flattened(samples)):
+        if pending.compressing and state.cfg.vtc.deep_cuts:
+            raise ValueError("sts: vtc.deep_cuts needs padded batches; it cannot cut packed or flattened ones yet")
         kwargs, pending.packing = pack(kwargs, samples, adapter.attention(), adapter.sequence_kwargs, key_bias)
+    if pending.compressing and state.cfg.vtc.deep_cuts:
+        pending.deep = deep_cut(state, pending, kwargs)
     pending.ran = True
     if pending.in_place and pending.labels is not None:
         pending.labels.set_(pending.cut_labels(pending.labels))
     return args, kwargs
+
+
+def deep_cut(state: STSState, pending: PendingCut, lm_inputs: dict) -> DeepCut:
+    """This forward's deep cuts, over the sequence the language model receives (`sts.deep`)."""
+    vtc, adapter, cut = state.cfg.vtc, state.adapter, pending.result
+    points = cut_layers(vtc.deep_cuts, adapter.num_layers)
+    for name in adapter.visual_row_kwargs:  # DeepStack adds features to the first layers' visual tokens
+        rows = lm_inputs.get(name)
+        if isinstance(rows, (list, tuple)) and min(layer for layer, _ in points) < len(rows):
+            raise ValueError(
+                f"sts: vtc.deep_cuts: the first cut must come after the {len(rows)} layers that take DeepStack "
+                f"features; put it deeper than {len(rows) / adapter.num_layers:.2f}"
+            )
+    visual = cut.pick(adapter.visual_token_mask(pending.inputs["input_ids"]).to(cut.first.device), False)
+    labels = None if pending.labels is None else cut.pick(pending.labels, IGNORE_INDEX)
+    return DeepCut(
+        points,
+        vtc.deep_strategy,
+        visual,
+        cut.real,
+        labels,
+        adapter.attention(),
+        pending.labels if pending.in_place else None,
+    )
 
 
 def with_loss(model, output, labels: torch.Tensor, inputs: dict):

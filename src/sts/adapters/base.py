@@ -48,26 +48,34 @@ class Unit:
     tiles: bool = False
 
 
-class SkippedLayer(nn.Module):
-    """Stands in for a skipped decoder layer for one step: returns its input hidden states, so
-    whatever the model does around each layer (DeepStack, per-layer attention types, sliding
-    windows, indexed by the layer's place) happens as it would with that layer as an identity.
-    It answers for the layer it replaces (attributes the model reads of it, such as
-    `attention_type`) and returns what that layer returns: the tensor, or a tuple led by it."""
+class StandIn(nn.Module):
+    """Takes a decoder layer's place in the layer list for one forward. It answers for the layer it
+    replaces (attributes the model reads of it, such as `attention_type`), which is not its
+    submodule: it is never saved, and state-dict keys never change."""
 
     def __init__(self, replaced: nn.Module):
         super().__init__()
-        object.__setattr__(self, "replaced", replaced)  # not a submodule: never called, never saved
-        self.as_tuple = returns_tuple(replaced)
-
-    def forward(self, hidden_states, *args, **kwargs):
-        return (hidden_states,) if self.as_tuple else hidden_states
+        object.__setattr__(self, "replaced", replaced)
 
     def __getattr__(self, name: str):
         try:
             return super().__getattr__(name)
         except AttributeError:
             return getattr(object.__getattribute__(self, "replaced"), name)
+
+
+class SkippedLayer(StandIn):
+    """Stands in for a skipped decoder layer for one step: returns its input hidden states, so
+    whatever the model does around each layer (DeepStack, per-layer attention types, sliding
+    windows, indexed by the layer's place) happens as it would with that layer as an identity,
+    and returns what that layer returns: the tensor, or a tuple led by it."""
+
+    def __init__(self, replaced: nn.Module):
+        super().__init__(replaced)
+        self.as_tuple = returns_tuple(replaced)
+
+    def forward(self, hidden_states, *args, **kwargs):
+        return (hidden_states,) if self.as_tuple else hidden_states
 
 
 class Adapter:

@@ -57,6 +57,15 @@ RECIPES = {
         "stages.1.vtc={strategy: pool, keep_ratio: 0.25, tile_keep_ratio: 0.0625, proportional_attention: true}",
         "lds=null",
     ],
+    # `sts-tiles`, and from half the decoder's depth on half of each image's tokens, evenly spaced
+    # (`vtc.deep_cuts`): the first layers read every pooled token, the deep ones half of them.
+    "sts-tiles-deep": [
+        "vtc.tile_keep_ratio=0.0625",
+        "vtc.deep_cuts=[[0.5, 0.5]]",
+        "stages.1.vtc={strategy: pool, keep_ratio: 0.25, tile_keep_ratio: 0.0625, proportional_attention: true, "
+        "deep_cuts: [[0.5, 0.5]]}",
+        "lds=null",
+    ],
 }
 EQUAL_TIME = "baseline-equal-time"
 
@@ -80,7 +89,7 @@ PRESETS = {
         # steps: with 200, the dense model reached 0.69 (three seeds), too weak to measure retention.
         ("model.family=llava-next", "stages.0.max_steps=200", "stages.1.max_steps=400"),
         image_size=2 * IMAGE_SIZE,
-        recipes=("baseline", "sts", "sts-max", "sts-tiles"),
+        recipes=("baseline", "sts", "sts-max", "sts-tiles", "sts-tiles-deep"),
     ),
 }
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from sts.cli.recipes import RecipeConfig
+from sts.deep import cut_layers
 from sts.lds import expected_skips
 from sts.vtc import kept_tokens
 
@@ -97,28 +98,51 @@ def language_layer_flops(s: Shapes, batch: int, length: int) -> tuple[float, flo
 
 
 def train_step_flops(
-    s: Shapes, batch: int, length: int, images: int, trains: dict[str, bool], layers_run: float | None = None
+    s: Shapes,
+    batch: int,
+    length: int,
+    images: int,
+    trains: dict[str, bool],
+    layers_run: float | None = None,
+    deep: tuple[tuple[float, int], ...] = (),
 ) -> dict[str, float]:
     """FLOPs of one forward+backward over `batch` sequences padded to `length` tokens.
 
     trains: part -> trainable (vision_tower, projector, language_model).
     layers_run: decoder layers executed (fewer under LDS); all by default.
+    deep: (layers, length) after each deep cut (`vtc.deep_cuts`): that many of the layers run read
+    only `length` tokens, and the head reads the last cut's.
     """
     layers_run = s.text_layers if layers_run is None else layers_run
     vision_trains, projector_trains, lm_trains = (trains[p] for p in ("vision_tower", "projector", "language_model"))
-    weights, attention = language_layer_flops(s, batch, length)
     lm_input_grad = vision_trains or projector_trains
-    lm_layer = step_cost(weights, lm_input_grad, lm_trains) + attention_cost(attention, lm_input_grad or lm_trains)
+
+    def lm_layer(tokens: int) -> float:
+        weights, attention = language_layer_flops(s, batch, tokens)
+        return step_cost(weights, lm_input_grad, lm_trains) + attention_cost(attention, lm_input_grad or lm_trains)
+
+    shallow = layers_run - sum(layers for layers, _ in deep)
+    final = deep[-1][1] if deep else length
     # The head's input gradient is always needed while anything trains.
-    lm_head = step_cost(linear(batch * length, s.text_hidden, s.vocab), True, lm_trains)
+    lm_head = step_cost(linear(batch * final, s.text_hidden, s.vocab), True, lm_trains)
     projector_forward = linear(images * s.image_tokens, s.projector_in, s.text_hidden) + linear(
         images * s.image_tokens, s.text_hidden, s.text_hidden
     )
     return {
         "vision_tower": vision_flops(s, images, vision_trains),
         "projector": step_cost(projector_forward, vision_trains, projector_trains),
-        "language_model": layers_run * lm_layer + lm_head,
+        "language_model": shallow * lm_layer(length) + sum(layers * lm_layer(n) for layers, n in deep) + lm_head,
     }
+
+
+def deep_segments(num_layers: int, skipped: list[int], cuts: list[tuple[int, int]]) -> tuple[tuple[int, int], ...]:
+    """A forward's deep cuts, (layer, length from it on), as `train_step_flops`' `deep`: the layers
+    run from each cut to the next, and their length."""
+    ends = [layer for layer, _ in cuts[1:]] + [num_layers]
+    return tuple(
+        (sum(1 for layer in range(start, end) if layer not in skipped), length)
+        for (start, length), end in zip(cuts, ends)
+    )
 
 
 def samples_step_flops(
@@ -176,8 +200,15 @@ def recipe_flops(
         trains = {part: mode == "full" for part, mode in stage.train.model_dump().items()}
         layers = shapes.text_layers - (expected_skips(shapes.text_layers, sts.lds) if sts.lds else 0)
 
-        def per_sample(visual: int) -> float:
-            return sum(train_step_flops(shapes, 1, text + visual, geometry.tower_images, trains, layers).values())
+        def per_sample(visual: int, deep_cuts: list[tuple[float, float]] = ()) -> float:
+            """One sample's cost with `visual` tokens at the language model, cut further in it by `deep_cuts`."""
+            cuts = cut_layers(deep_cuts, shapes.text_layers)
+            ends = [layer for layer, _ in cuts[1:]] + [shapes.text_layers]
+            deep = tuple(
+                ((end - start) * layers / shapes.text_layers, text + max(1, round(visual * ratio)))
+                for (start, ratio), end in zip(cuts, ends)
+            )
+            return sum(train_step_flops(shapes, 1, text + visual, geometry.tower_images, trains, layers, deep).values())
 
         cost = per_sample(geometry.tokens())
         if sts.vtc:
@@ -186,7 +217,7 @@ def recipe_flops(
                 + (1 - sts.vtc.full_tokens_final_fraction) * sts.vtc.full_tokens_random_fraction
             )
             compressed = sum(
-                share * per_sample(geometry.kept(sts.vtc.strategy, ratio, sts.vtc.tile_keep_ratio))
+                share * per_sample(geometry.kept(sts.vtc.strategy, ratio, sts.vtc.tile_keep_ratio), sts.vtc.deep_cuts)
                 for share, ratio in sts.vtc.phases()
             )
             cost = full * cost + (1 - full) * compressed

@@ -9,7 +9,7 @@ import time
 import torch
 from transformers import TrainerCallback
 
-from sts.cli.flops import Shapes, train_step_flops
+from sts.cli.flops import Shapes, deep_segments, train_step_flops
 from sts.patch import drain_stats
 
 
@@ -28,6 +28,7 @@ class StepMeter(TrainerCallback):
     def on_step_end(self, args, state, control, **kwargs):
         for forward in drain_stats(self.model):
             layers_run = self.shapes.text_layers - len(forward["skipped_layers"])
+            deep = deep_segments(self.shapes.text_layers, forward["skipped_layers"], forward["deep_seq_lens"])
             self.flops += sum(
                 train_step_flops(
                     self.shapes,
@@ -36,6 +37,7 @@ class StepMeter(TrainerCallback):
                     forward["tower_images"],
                     self.trains,
                     layers_run,
+                    deep,
                 ).values()
             )
 
