@@ -70,9 +70,10 @@ def test_a_resumed_run_resumes_the_schedule():
     assert state_of(model).progress == 0.75
 
 
-def test_a_fused_lm_head_scores_the_cut_labels_as_sts_does(synth_data, processor):
+@pytest.mark.parametrize("deep_cuts", [[], [[0.5, 0.5]]])
+def test_a_fused_lm_head_scores_the_cut_labels_as_sts_does(synth_data, processor, deep_cuts):
     """TRL's fused LM head computes the loss inside the forward from the labels it was given:
-    STS cuts them in place, and the loss is the one STS computes itself from the logits."""
+    STS cuts them in place (again at a deep cut), and the loss is the one STS computes itself."""
     add_fused_lm_head = getattr(pytest.importorskip("trl.trainer.utils"), "add_fused_lm_head", None)
     if add_fused_lm_head is None:
         pytest.skip("this TRL has no fused LM head (TRL 1.15 has)")
@@ -83,7 +84,7 @@ def test_a_fused_lm_head_scores_the_cut_labels_as_sts_does(synth_data, processor
     dataset = LlavaDataset(synth_data["train"], processor)
     batch = Collator(processor.tokenizer.pad_token_id)([dataset[i] for i in range(4)])
     model = build_model(TEST_SIZES, seed=0, base=False).train()
-    compressor = {"vtc": {"strategy": "pool", "keep_ratio": 0.25}}
+    compressor = {"vtc": {"strategy": "pool", "keep_ratio": 0.25, "deep_cuts": deep_cuts}}
     sts.apply_sts(model, compressor)
     own = model(**{k: v.clone() for k, v in batch.items()}).loss
     sts.remove_sts(model)

@@ -80,13 +80,10 @@ class DeepCut:
         self.gathered: dict[int, object] = {}
 
     @property
-    def first_layer(self) -> int:
-        return min(self.ratios)
-
-    @property
     def real(self) -> torch.Tensor:
         return self.keep >= 0
 
+    @torch.compiler.disable  # host-side planning: under torch.compile it runs eagerly
     def cut(self, layer: int, hidden: torch.Tensor) -> torch.Tensor:
         """Drop this layer's share of every image's tokens from `hidden` [B, L_k, D]."""
         rows = []
@@ -126,6 +123,7 @@ class DeepCut:
         picked = x.gather(-1, index.expand(*x.shape[:-2], -1, -1))
         return picked.masked_fill(~self.real.to(x.device).expand_as(picked), fill)
 
+    @torch.compiler.disable
     def layer_inputs(self, kwargs: dict) -> dict:
         """A layer's keyword inputs with everything indexed by position gathered to the kept ones."""
         if any(kwargs.get(name) is not None for name in VARLEN_KWARGS):

@@ -5,7 +5,8 @@ The model's `forward` is replaced on the instance (no new parent modules, so sta
 never change). In `model.eval()` the original forward runs untouched. In training the model
 still runs its own forward: the compressor cuts the sequence where the language model receives
 it (a pre-hook registered for as long as STS is attached, acting on the forward's pending cut;
-packing, `sts.pack`, happens there too), and skipped layers are identities for that forward.
+packing, `sts.pack`, happens there too), skipped layers are identities for that forward, and
+with deep cuts the layers from the first cut on read fewer visual tokens (`sts.deep`).
 Under `torch.compile` STS's own Python runs eagerly and only the model's forward is traced.
 Everything STS needs to know about training progress comes from `set_progress`; nothing here
 logs or does I/O.
