@@ -65,6 +65,36 @@ def test_analytic_flops_match_the_flop_counter(batch, stage, sparsity):
     assert predicted == pytest.approx(measured, rel=0.05)
 
 
+def test_analytic_recipe_flops_of_deep_cuts_are_what_a_forward_with_them_counts(synth_data, processor):
+    """`recipe_flops` (the 7B projections) predicts from a recipe what one sample's forward with the
+    compressor and two deep cuts really runs: the meter's count from its stats."""
+    from sts.cli.flops import recipe_flops
+    from sts.cli.recipes import load_recipe
+
+    deep_cuts = [[0.34, 0.5], [0.67, 0.25]]
+    vtc = {"strategy": "pool", "keep_ratio": 0.25, "deep_cuts": deep_cuts}
+    model = build_model(TEST_SIZES.model_copy(update={"text_layers": 6}), base=False).train()
+    sample = Collator(processor.tokenizer.pad_token_id)([LlavaDataset(synth_data["train"], processor)[0]])
+    sts.apply_sts(model, {"vtc": vtc})
+    sts.set_progress(model, 0, 10)
+    model(**sample)
+    stats = sts.step_stats(model)
+    assert [layer for layer, _ in stats["deep_seq_lens"]] == [2, 4]
+    counted = train_step_flops(
+        Shapes.of(model.config),
+        1,
+        stats["lm_seq_len"],
+        1,
+        STAGES["instruct"],
+        6,
+        deep_segments(6, [], stats["deep_seq_lens"]),
+    )
+    recipe = load_recipe("demo", ["data.train=x", "lds=null", f"stages.1.vtc={vtc}"])
+    text = int((sample["input_ids"] != model.config.image_token_id).sum())
+    _, predicted = recipe_flops(recipe, model.config, {"align": (1, text), "instruct": (1, text)}, [1.0, 1.0])
+    assert predicted == pytest.approx(sum(counted.values()))
+
+
 def test_llava_15_projection_has_llava_15s_shape():
     """At LLaVA-1.5-7B shapes and data lengths alignment is about 30% of the recipe's FLOPs, and
     the compressor's gain grows with the visual share (93% visual in align, 70% in instruct)."""

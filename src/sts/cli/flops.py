@@ -202,12 +202,12 @@ def recipe_flops(
 
         def per_sample(visual: int, deep_cuts: list[tuple[float, float]] = ()) -> float:
             """One sample's cost with `visual` tokens at the language model, cut further in it by `deep_cuts`."""
-            cuts = cut_layers(deep_cuts, shapes.text_layers)
-            ends = [layer for layer, _ in cuts[1:]] + [shapes.text_layers]
-            deep = tuple(
-                ((end - start) * layers / shapes.text_layers, text + max(1, round(visual * ratio)))
-                for (start, ratio), end in zip(cuts, ends)
-            )
+            cuts = [
+                (layer, text + max(1, round(visual * ratio)))
+                for layer, ratio in cut_layers(deep_cuts, shapes.text_layers)
+            ]
+            share_run = layers / shapes.text_layers  # the skipper's expected share of each segment's layers
+            deep = tuple((count * share_run, n) for count, n in deep_segments(shapes.text_layers, [], cuts))
             return sum(train_step_flops(shapes, 1, text + visual, geometry.tower_images, trains, layers, deep).values())
 
         cost = per_sample(geometry.tokens())
