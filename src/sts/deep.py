@@ -18,13 +18,11 @@ is gathered once per cut, not once per layer. The labels are gathered alike for 
 
 from __future__ import annotations
 
-from contextlib import contextmanager
-
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from sts.adapters.base import StandIn
+from sts.adapters.base import StandIn, standing_in
 from sts.attention import KEY_BIAS
 from sts.vtc import evenly_spaced
 
@@ -101,6 +99,7 @@ class DeepCut:
         relative = torch.stack([F.pad(r, (0, length - len(r)), value=-1) for r in rows])
         self.keep = torch.where(relative >= 0, self.keep.gather(1, relative.clamp(min=0)), -1)
         self.lengths.append((layer, length))
+        self.device, self.dtype = hidden.device, hidden.dtype  # of a mask the cut must build
         self.gathered.clear()
         if self.labels_in_place is not None:
             self.labels_in_place.set_(self.pick(self.labels, -100))
@@ -155,16 +154,19 @@ class DeepCut:
         """The layers' attention mask over the kept positions: a 2-D padding mask or a 4-D mask
         (boolean or additive) gathered on both axes; none (causal, no padding) stays none unless the
         cut leaves padding, which then gets the mask the attention implementation takes."""
-        real = self.real.to(mask.device if mask is not None else "cpu")
+        real = self.real.to(mask.device if mask is not None else self.device)
         if mask is None:
             if bool(real.all()):
                 return None
             if self.attention.startswith("flash"):
                 return real.long()
             length = real.shape[1]
-            allowed = torch.ones(length, length, dtype=torch.bool).tril()[None, None] & real[:, None, None, :]
+            causal = torch.ones(length, length, dtype=torch.bool, device=real.device).tril()
+            allowed = causal[None, None] & real[:, None, None, :]
             if self.attention == "eager":
-                return torch.zeros(allowed.shape).masked_fill(~allowed, torch.finfo(torch.float32).min)
+                return torch.zeros(allowed.shape, dtype=self.dtype, device=real.device).masked_fill(
+                    ~allowed, torch.finfo(self.dtype).min
+                )
             return allowed
         if not isinstance(mask, torch.Tensor) or mask.dim() not in (2, 4):
             raise ValueError(f"sts: vtc.deep_cuts cannot cut this attention mask ({type(mask).__name__})")
@@ -196,15 +198,7 @@ class CutLayer(StandIn):
         return self.replaced(hidden_states, *args, **deep.layer_inputs(kwargs))
 
 
-@contextmanager
 def cutting_layers(layers: nn.ModuleList, first: int, deep):
     """Wrap `layers[first:]` in `CutLayer`s for one forward; `deep()` returns that forward's
     `DeepCut` (None: the layers run as they are)."""
-    originals = {i: layers[i] for i in range(first, len(layers))}
-    for i, layer in originals.items():
-        layers[i] = CutLayer(layer, i, deep)
-    try:
-        yield
-    finally:
-        for i, layer in originals.items():
-            layers[i] = layer
+    return standing_in(layers, range(first, len(layers)), lambda index, layer: CutLayer(layer, index, deep))

@@ -150,15 +150,22 @@ class Adapter:
         """Run the language model with the skipped layers replaced by `SkippedLayer`: they are
         never called, so no forward, no backward, no activations, no hooks (FSDP / ZeRO-3 never
         gather them); the layer list keeps its length, so per-layer wiring is untouched."""
-        layers = self.decoder_layers()
-        originals = {i: layers[i] for i in skipped}
-        for i in skipped:
-            layers[i] = SkippedLayer(originals[i])
-        try:
+        with standing_in(self.decoder_layers(), skipped, lambda index, layer: SkippedLayer(layer)):
             yield
-        finally:
-            for i, layer in originals.items():
-                layers[i] = layer
+
+
+@contextmanager
+def standing_in(layers: nn.ModuleList, indices, stand_in):
+    """For one forward, `layers[i]` is `stand_in(i, layers[i])` for each i in `indices`; then the
+    layers are put back, whatever happened."""
+    originals = {i: layers[i] for i in indices}
+    for i, layer in originals.items():
+        layers[i] = stand_in(i, layer)
+    try:
+        yield
+    finally:
+        for i, layer in originals.items():
+            layers[i] = layer
 
 
 def square_grid(tokens: int) -> tuple[int, int]:
