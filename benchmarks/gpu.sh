@@ -9,11 +9,10 @@
 #   run:         bash benchmarks/gpu.sh        (carry: .whl)
 #
 # Writes its records under $OUT (the device tool's) or benchmarks/results/gpu-<date>/, each
-# with the device and date: proportional attention's cost per kernel, `sts bench` at LLaVA-1.5-7B
-# shapes (batch 8 and 16; SDPA padded, FlexAttention packed), LLaVA-NeXT-7B (anyres) and
-# Qwen2.5-VL-7B shapes, and `tests/test_gpu.py`: FSDP2 (and
-# ZeRO-3 where DeepSpeed is installed) through `sts train` on one GPU with the skipper on, on
-# NCCL, never gathering a skipped layer; proportional attention on SDPA and FlexAttention.
+# with the device and date: `tests/test_gpu.py` (FSDP2, and ZeRO-3 where DeepSpeed is installed,
+# through `sts train` on one GPU with the skipper on, on NCCL, never gathering a skipped layer;
+# proportional attention and deep cuts on SDPA and FlexAttention), `sts bench` at LLaVA-1.5-7B,
+# LLaVA-NeXT-7B (anyres) and Qwen2.5-VL-7B shapes, proportional attention's cost per kernel.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-benchmarks/results/gpu-$(date +%F)}
@@ -38,21 +37,18 @@ step() {  # step NAME SECONDS COMMAND...: one part, bounded, its output kept; a 
     date -u +%FT%TZ
 } | tee "$OUT/device.txt"
 
-# Each step is bounded so that the whole stays under 8 minutes (465 s of steps). Lengths are drawn
-# LLaVA-665K-like (`sts.cli.synthetic`); SDPA runs padded batches, and packed ones at batch 16 (a
-# mask over the packed row, which on the CPU still paid in instruction tuning), FlexAttention packed
-# ones (its block mask skips what crosses samples): the faster dense row of each run is its
-# baseline. The batch-16, anyres and Qwen runs have fewer layers, to fit the time, not the memory.
-KEY=align,align+packed,align+vtc0.25,instruct,instruct+packed,instruct+pool0.25,instruct+pool0.25+lds0.5
-step attention 35 python3 benchmarks/attention.py --batch 16 --heads 32 --length 1024 --head-dim 128 --out "$OUT"
-step bench-b8-sdpa 85 python3 -m sts.cli bench --preset llava-1.5-7b --batch 8 --steps 4 --warmup 2 --out "$OUT"
-step bench-b8-flex-packed 85 python3 -m sts.cli bench --preset llava-1.5-7b --batch 8 --steps 4 --warmup 2 \
-    --attention flex_attention --settings "$KEY" --out "$OUT"
-step bench-b16-sdpa-packed 65 python3 -m sts.cli bench --preset llava-1.5-7b --batch 16 --layers 16 --steps 4 \
-    --warmup 2 --packing on --settings "$KEY" --out "$OUT"
-step bench-next-b8-sdpa 65 python3 -m sts.cli bench --preset llava-next-7b --batch 8 --layers 12 --steps 3 --warmup 2 \
-    --settings "$KEY" --out "$OUT"
-step bench-qwen-b8-sdpa 55 python3 -m sts.cli bench --preset qwen2.5-vl-7b --batch 8 --layers 14 --steps 4 --warmup 2 \
-    --settings "$KEY" --out "$OUT"
-step gpu-tests 75 python3 -m pytest -q -p no:cacheprovider tests/test_gpu.py
+# Each step is bounded so that the whole stays under 8 minutes (about 420 s of steps). Lengths are
+# drawn LLaVA-665K-like (`sts.cli.synthetic`), in padded batches on SDPA (packing needs
+# FlashAttention's varlen or FlexAttention; deep cuts need padded batches). The shipped demo
+# recipes' stages at 7B shapes: sts-max's (LLaVA-1.5-7B, all 32 layers, batch 16, with and without
+# a deep cut) and sts-tiles' (LLaVA-NeXT-7B, 16 layers: an anyres alignment batch of 8 with all 32
+# layers' activations would not fit), then Qwen2.5-VL-7B at fewer layers, to fit the time.
+step gpu-tests 90 python3 -m pytest -q -p no:cacheprovider tests/test_gpu.py
+step bench-b16-sdpa 120 python3 -m sts.cli bench --preset llava-1.5-7b --batch 16 --steps 4 --warmup 2 \
+    --settings align,align+pool0.0625,instruct,instruct+pool0.25,instruct+pool0.25+deep,instruct+sts-off --out "$OUT"
+step bench-next-b8-sdpa 110 python3 -m sts.cli bench --preset llava-next-7b --batch 8 --layers 16 --steps 3 \
+    --warmup 2 --settings align,align+tiles,instruct,instruct+tiles,instruct+tiles+deep --out "$OUT"
+step attention 30 python3 benchmarks/attention.py --batch 16 --heads 32 --length 1024 --head-dim 128 --out "$OUT"
+step bench-qwen-b8-sdpa 60 python3 -m sts.cli bench --preset qwen2.5-vl-7b --batch 8 --layers 14 --steps 3 --warmup 2 \
+    --settings align,align+vtc0.25,instruct,instruct+pool0.25,instruct+pool0.25+lds0.5 --out "$OUT"
 echo "== done in $((SECONDS - started)) s; records in $OUT"

@@ -27,11 +27,12 @@ from transformers.utils import is_flash_attn_2_available, is_flash_attn_3_availa
 
 import sts
 from sts.adapters import get_adapter
-from sts.cli.flops import Shapes, samples_step_flops
+from sts.cli.flops import Shapes, deep_segments, samples_step_flops
 from sts.cli.presets import preset as load_preset
 from sts.cli.recipes import ConfigError
 from sts.cli.synthetic import ImageLayout, draw_samples, real_lengths, synthetic_batch, visual_tokens
 from sts.compat import set_activation_checkpointing
+from sts.deep import cut_layers
 from sts.pack import VARLEN_KERNELS
 
 ALIGN = {"vision_tower": "frozen", "projector": "full", "language_model": "frozen"}
@@ -44,7 +45,7 @@ class Setting:
     stage: str  # "align" (projector trains) or "instruct" (projector and language model train)
     sts: dict | None  # None: the unpatched model
     dense: bool = False  # a candidate for its stage's baseline
-    packs: bool = True  # packed where the bench packs (sts-off measures attaching alone: never)
+    packs: bool = True  # packed where the bench packs (deep cuts need padded batches: never)
 
     @property
     def parts(self) -> dict:
@@ -55,30 +56,37 @@ class Setting:
         """The dense baseline packed by STS with nothing else enabled: only where the bench packs."""
         return self.dense and self.sts is not None
 
+    @property
+    def overhead(self) -> bool:
+        """STS attached with nothing enabled: what attaching alone costs, against the plain model."""
+        return self.sts == {} and not self.dense
 
+    @property
+    def deep_cuts(self) -> list:
+        return (self.sts or {}).get("vtc", {}).get("deep_cuts", [])
+
+
+POOL = {"strategy": "pool", "keep_ratio": 0.25, "proportional_attention": True}
+TILES = {**POOL, "tile_keep_ratio": 0.0625}
 SETTINGS = [
     Setting("align", "align", None, dense=True),
     Setting("align+packed", "align", {}, dense=True),
     Setting("align+vtc0.25", "align", {"vtc": {"strategy": "uniform", "keep_ratio": 0.25}}),
+    Setting("align+pool0.0625", "align", {"vtc": {**POOL, "keep_ratio": 0.0625}}),  # sts-max's: 4x4 windows
+    # sts-tiles' (anyres, both stages): 2x2 windows of the base view, 4x4 of the tiles
+    Setting("align+tiles", "align", {"vtc": TILES}),
     Setting("instruct", "instruct", None, dense=True),
     Setting("instruct+packed", "instruct", {}, dense=True),
     Setting("instruct+lds0.5", "instruct", {"lds": {"alpha": 0.5, "epsilon": 0.5}}),
-    # sts-max's instruction tuning: 2x2 pooling with proportional attention
-    Setting(
-        "instruct+pool0.25",
-        "instruct",
-        {"vtc": {"strategy": "pool", "keep_ratio": 0.25, "proportional_attention": True}},
-    ),
+    Setting("instruct+pool0.25", "instruct", {"vtc": POOL}),  # sts-max's: 2x2 windows, proportional attention
     Setting("instruct+uniform0.25", "instruct", {"vtc": {"strategy": "uniform", "keep_ratio": 0.25}}),
-    Setting(
-        "instruct+pool0.25+lds0.5",
-        "instruct",
-        {
-            "vtc": {"strategy": "pool", "keep_ratio": 0.25, "proportional_attention": True},
-            "lds": {"alpha": 0.5, "epsilon": 0.5},
-        },
-    ),
-    Setting("instruct+sts-off", "instruct", {}, packs=False),  # apply_sts with nothing enabled: its overhead
+    Setting("instruct+pool0.25+lds0.5", "instruct", {"vtc": POOL, "lds": {"alpha": 0.5, "epsilon": 0.5}}),
+    # deep cuts (padded batches only): from a third of the decoder on, a quarter of the tokens it received
+    Setting("instruct+pool0.25+deep", "instruct", {"vtc": {**POOL, "deep_cuts": [[0.34, 0.25]]}}, packs=False),
+    Setting("instruct+tiles", "instruct", {"vtc": TILES}),
+    # and from half the decoder on, half of them
+    Setting("instruct+tiles+deep", "instruct", {"vtc": {**TILES, "deep_cuts": [[0.5, 0.5]]}}, packs=False),
+    Setting("instruct+sts-off", "instruct", {}, packs=False),
 ]
 
 
@@ -225,16 +233,30 @@ def run_bench(
             stepper.zero_grad(set_to_none=True)
         if step < 0:  # warm-up
             return timer.seconds
-        kept, layers_run = 1.0, shapes.text_layers
+        kept, skipped = 1.0, []
         if setting.sts is not None:
             stats = sts.step_stats(model)
             kept = stats["visual_tokens_kept"] / stats["visual_tokens_in"] if stats["visual_tokens_in"] else 1.0
-            layers_run -= len(stats.get("skipped_layers", []))
-        # every image has the same size, so each keeps the same share of its visual tokens
-        lengths = [round(n - v + v * kept) for n, v in zip(this.lengths, this.visual)]
+            skipped = stats.get("skipped_layers", [])
+        # every image has the same size, so each keeps the same share of its visual tokens; a deep
+        # cut keeps its ratio of them (`sts.deep`)
+        cuts = cut_layers(setting.deep_cuts, shapes.text_layers)
+        visual = [round(v * kept) for v in this.visual]
+        lengths = [n - v + k for n, v, k in zip(this.lengths, this.visual, visual)]
+        deep = [
+            deep_segments(
+                shapes.text_layers,
+                skipped,
+                [(layer, n - k + (max(1, round(k * ratio)) if k else 0)) for layer, ratio in cuts],
+            )
+            for n, k in zip(lengths, visual)
+        ]
         trains = {k: v == "full" for k, v in setting.parts.items()}
+        layers_run = shapes.text_layers - len(skipped)
         record.times.append(timer.seconds)
-        record.flops.append(sum(samples_step_flops(shapes, lengths, this.tower_images, trains, layers_run).values()))
+        record.flops.append(
+            sum(samples_step_flops(shapes, lengths, this.tower_images, trains, layers_run, deep).values())
+        )
         record.lm_tokens.append(sum(lengths))
         if device.type == "cuda":
             record.peak_bytes = max(record.peak_bytes, torch.cuda.max_memory_allocated())
@@ -271,7 +293,7 @@ def run_bench(
     rows = {}
     for setting in chosen:
         record = records[setting.name]
-        against = setting.stage if not setting.packs and setting.stage in records else baselines.get(setting.stage)
+        against = setting.stage if setting.overhead and setting.stage in records else baselines.get(setting.stage)
         base = records[against] if against else record
         speedup = statistics.mean(base.times) / seconds[setting.name]
         ideal = statistics.mean(base.flops) / statistics.mean(record.flops)

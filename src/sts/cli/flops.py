@@ -146,12 +146,21 @@ def deep_segments(num_layers: int, skipped: list[int], cuts: list[tuple[int, int
 
 
 def samples_step_flops(
-    s: Shapes, lengths: list[int], images: int, trains: dict[str, bool], layers_run: float | None = None
+    s: Shapes,
+    lengths: list[int],
+    images: int,
+    trains: dict[str, bool],
+    layers_run: float | None = None,
+    deep: list[tuple[tuple[float, int], ...]] | None = None,
 ) -> dict[str, float]:
     """FLOPs of one step over samples of `lengths` real tokens each, `images` encoded by the vision
-    tower: what packed samples cost, and the useful work of a padded batch (padding is no work)."""
+    tower: what packed samples cost, and the useful work of a padded batch (padding is no work).
+    deep: each sample's deep cuts (`train_step_flops`' `deep`)."""
     parts = train_step_flops(s, 0, 0, images, trains, layers_run)
-    parts["language_model"] = sum(train_step_flops(s, 1, n, 0, trains, layers_run)["language_model"] for n in lengths)
+    deep = deep or [()] * len(lengths)
+    parts["language_model"] = sum(
+        train_step_flops(s, 1, n, 0, trains, layers_run, cuts)["language_model"] for n, cuts in zip(lengths, deep)
+    )
     return parts
 
 
