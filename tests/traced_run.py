@@ -122,7 +122,8 @@ def command(processes: int, out: Path, *args: str, launcher: bool = False) -> tu
     torchrun if several, or if `launcher` (an engine on one process)."""
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={processes}"]
     line = [*(torchrun if processes > 1 or launcher else [sys.executable]), __file__, args[0], str(out), *args[1:]]
-    return line, {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).parent.parent)}
+    path = os.pathsep.join(filter(None, [str(Path(__file__).parent.parent), os.environ.get("PYTHONPATH")]))
+    return line, {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": path}  # where sts runs uninstalled too
 
 
 def launch(processes: int, out: Path, *args: str, launcher: bool = False) -> list[list[dict]]:

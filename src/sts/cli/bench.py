@@ -143,11 +143,25 @@ class Round:
     tower_images: int
 
 
-def build_rounds(layout: ImageLayout, stage: str, mean_text: int, batch: int, count: int, sampled: bool, device):
+GROUP = 50  # batches in a mega-batch sorted by length, as transformers' LengthGroupedSampler groups them
+
+
+def build_rounds(layout: ImageLayout, stage: str, mean_text: int, batch: int, count: int, lengths: str, device):
+    """`count` rounds' batches: `fixed` lengths (one batch serves every round), `sampled` ones, or
+    `grouped`: sampled, then each batch drawn from a mega-batch sorted by length, as a padded
+    training groups them (LLaVA's `group_by_modality_length`) to waste less on padding."""
     generator = torch.Generator().manual_seed(0 if stage == "align" else 1)
+    if lengths == "fixed":
+        batches = [draw_samples(stage, mean_text, batch, False, generator)]
+    elif lengths == "sampled":
+        batches = [draw_samples(stage, mean_text, batch, True, generator) for _ in range(count)]
+    else:
+        pool = draw_samples(stage, mean_text, GROUP * batch, True, generator)
+        pool.sort(key=lambda sample: sample.text + layout.tokens * sample.image)
+        chosen = torch.randperm(GROUP, generator=generator)[:count].tolist()
+        batches = [pool[i * batch : (i + 1) * batch] for i in chosen]
     rounds = []
-    for _ in range(count if sampled else 1):  # fixed lengths: one batch serves every round
-        samples = draw_samples(stage, mean_text, batch, sampled, generator)
+    for samples in batches:
         inputs = {k: v.to(device) for k, v in synthetic_batch(layout, samples, generator).items()}
         images = sum(sample.image for sample in samples)
         rounds.append(
@@ -167,13 +181,13 @@ def run_bench(
     compile: str = "none",
     optimizer: str = "adamw",
     checkpointing: bool = True,
-    lengths: str = "sampled",
+    lengths: str = "grouped",
     attention: str | None = None,
     packing: str = "auto",
 ) -> dict:
     """Time every setting (see the module's docstring); `optimizer` adamw (fused on a GPU) or sgd
     (stateless, as the records before 2026-11-28); `checkpointing`: activations checkpointed in
-    instruction tuning, as the shipped recipes do; `lengths` fixed or sampled (`sts.cli.synthetic`);
+    instruction tuning, as the shipped recipes do; `lengths` fixed, sampled or grouped (`build_rounds`);
     `attention` a transformers kernel (default: FlashAttention-2 where installed, else SDPA);
     `packing` on, off or auto (on where the kernel skips what crosses samples)."""
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -197,7 +211,7 @@ def run_bench(
     model = model.to(dtype=dtype).train()
     shapes, layout = Shapes.of(config), ImageLayout(config, spec.image)
     rounds = {
-        stage: build_rounds(layout, stage, text, batch, warmup + steps, lengths == "sampled", device)
+        stage: build_rounds(layout, stage, text, batch, warmup + steps, lengths, device)
         for stage, text in spec.text_tokens.items()
     }
     records = {s.name: Record() for s in chosen}
@@ -262,9 +276,12 @@ def run_bench(
             record.peak_bytes = max(record.peak_bytes, torch.cuda.max_memory_allocated())
         return timer.seconds
 
-    # Steps -warmup..-1 warm up, 0..steps-1 are timed. Settings are interleaved round by round, so that
-    # drift hits them alike; a whole-model compile keeps one setting's STS attached from its first call
-    # (it never sees hooks added later), so there the settings run one after another, each compiled afresh.
+    # Steps -warmup..-1 warm up, 0..steps-1 are timed. A stage's settings are interleaved round by round,
+    # so that drift hits them alike; the stages run one after the other, so that no setting pays for the
+    # allocator re-arranging its cache from one stage's shapes to the other's (on a GPU at 7B shapes, the
+    # first setting after each switch did). A whole-model compile keeps one setting's STS attached from
+    # its first call (it never sees hooks added later), so there the settings run one after another,
+    # each compiled afresh.
     counters.clear()
     warmup_seconds = 0.0
     if compile == "whole":
@@ -276,11 +293,15 @@ def run_bench(
                 warmup_seconds += seconds if step < 0 else 0.0
             sts.remove_sts(model)  # a no-op for an unpatched setting
     else:
-        for step in tqdm(range(-warmup, steps), desc=f"bench {preset}"):
-            for setting in chosen:
-                seconds = one_step(setting, train_as(setting), step, records[setting.name])
-                warmup_seconds += seconds if step < 0 else 0.0
-                sts.remove_sts(model)  # a no-op for an unpatched setting
+        for stage in ("align", "instruct"):
+            in_stage = [setting for setting in chosen if setting.stage == stage]
+            for step in tqdm(range(-warmup, steps) if in_stage else [], desc=f"bench {preset} {stage}"):
+                for setting in in_stage:
+                    seconds = one_step(setting, train_as(setting), step, records[setting.name])
+                    warmup_seconds += seconds if step < 0 else 0.0
+                    sts.remove_sts(model)  # a no-op for an unpatched setting
+            if device.type == "cuda":
+                torch.cuda.empty_cache()  # the next stage starts from a clean cache
 
     seconds = {name: statistics.mean(record.times) for name, record in records.items()}
     baselines = {}

@@ -284,9 +284,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     bench.add_argument(
         "--lengths",
-        default="sampled",
-        choices=["sampled", "fixed"],
-        help="text lengths drawn from a LLaVA-665K-shaped distribution with text-only samples, or each stage's mean",
+        default="grouped",
+        choices=["grouped", "sampled", "fixed"],
+        help="text lengths drawn from a LLaVA-665K-shaped distribution with text-only samples, batched by length "
+        "as LLaVA's padded training groups them (grouped) or not (sampled); or each stage's mean (fixed)",
     )
     bench.add_argument(
         "--attention",
