@@ -5,7 +5,7 @@ import pytest
 import torch
 from transformers import AutoModelForImageTextToText
 
-from sts.cli.bench import FLASH_KERNELS, SETTINGS, run_bench
+from sts.cli.bench import FLASH_KERNELS, SETTINGS, build_rounds, run_bench
 from sts.cli.commands import BENCH_PRESETS
 from sts.cli.flops import Shapes, samples_step_flops, train_step_flops
 from sts.cli.presets import PRESETS, preset
@@ -32,6 +32,29 @@ def test_bench_times_every_setting_against_the_fastest_dense_batch_and_records_j
     for row in rows.values():
         assert row["steps_per_s"] > 0 and row["speedup_over_ideal"] > 0
     assert len(recorded["sample_tokens"]["instruct"]) == 3, "a batch of drawn lengths a round"
+
+
+def test_grouped_batches_waste_less_on_padding_than_batches_drawn_at_random():
+    spec = preset("tiny")
+    layout = ImageLayout(spec.config, spec.image)
+
+    def padding(lengths: str) -> float:
+        rounds = build_rounds(layout, "instruct", 247, 8, 6, lengths, torch.device("cpu"))
+        return sum(max(r.lengths) * len(r.lengths) - sum(r.lengths) for r in rounds) / sum(
+            sum(r.lengths) for r in rounds
+        )
+
+    assert padding("grouped") < padding("sampled") / 4
+    assert padding("fixed") == 0
+
+
+def test_a_deep_cut_counts_in_the_ideal_and_every_timed_step_is_recorded():
+    deep = ["instruct", "instruct+pool0.25", "instruct+pool0.25+deep"]
+    result = run_bench("tiny", steps=2, warmup=0, batch=2, out=None, settings=deep, lengths="fixed", packing="on")
+    rows = result["settings"]
+    assert rows["instruct+pool0.25+deep"]["flops_ideal_speedup"] > rows["instruct+pool0.25"]["flops_ideal_speedup"]
+    assert rows["instruct+pool0.25"]["packed"] and not rows["instruct+pool0.25+deep"]["packed"], "deep: padded only"
+    assert all(len(row["step_seconds"]) == 2 for row in rows.values())
 
 
 def test_packing_is_on_only_where_the_kernel_skips_across_samples():

@@ -329,6 +329,7 @@ def run_bench(
             "speedup": speedup,
             "flops_ideal_speedup": ideal,
             "speedup_over_ideal": speedup / ideal,
+            "step_seconds": record.times,  # each timed step: an outlier shows here, not in the mean
         }
     instruct = rounds["instruct"][0]
     result = {
