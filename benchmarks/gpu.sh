@@ -37,16 +37,17 @@ step() {  # step NAME SECONDS COMMAND...: one part, bounded, its output kept; a 
     date -u +%FT%TZ
 } | tee "$OUT/device.txt"
 
-# Each step is bounded so that the whole stays under 5 minutes (about 340 s of steps). Lengths are
+# Each step is bounded so that the whole stays under 6 minutes (about 360 s of steps). Lengths are
 # drawn LLaVA-665K-like and batched by length as LLaVA's padded training groups them
 # (`sts.cli.bench.build_rounds`), in padded batches on SDPA (packing needs FlashAttention's varlen or
 # FlexAttention; deep cuts need padded batches). The shipped demo recipes' stages at 7B shapes:
 # sts-max's (LLaVA-1.5-7B, all 32 layers, batch 16, with and without a deep cut) and sts-tiles'
 # (LLaVA-NeXT-7B, 16 layers: an anyres alignment batch of 8 with all 32 layers' activations would
-# not fit). Qwen2.5-VL-7B (`--preset qwen2.5-vl-7b`) did not fit in a minute.
+# not fit), each setting's last step profiled (the busiest operations, and how long the device was
+# busy). Qwen2.5-VL-7B (`--preset qwen2.5-vl-7b`) did not fit in a minute.
 step gpu-tests 150 python3 -m pytest -q -p no:cacheprovider tests/test_gpu.py
-step bench-b16-sdpa 120 python3 -m sts.cli bench --preset llava-1.5-7b --batch 16 --steps 4 --warmup 2 \
+step bench-b16-sdpa 130 python3 -m sts.cli bench --preset llava-1.5-7b --batch 16 --steps 4 --warmup 2 --profile \
     --settings align,align+pool0.0625,instruct,instruct+pool0.25,instruct+pool0.25+deep,instruct+sts-off --out "$OUT"
-step bench-next-b8-sdpa 70 python3 -m sts.cli bench --preset llava-next-7b --batch 8 --layers 16 --steps 3 \
+step bench-next-b8-sdpa 80 python3 -m sts.cli bench --preset llava-next-7b --batch 8 --layers 16 --steps 3 --profile \
     --warmup 2 --settings align,align+tiles,instruct,instruct+tiles,instruct+tiles+deep --out "$OUT"
 echo "== done in $((SECONDS - started)) s; records in $OUT"

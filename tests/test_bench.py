@@ -48,13 +48,18 @@ def test_grouped_batches_waste_less_on_padding_than_batches_drawn_at_random():
     assert padding("fixed") == 0
 
 
-def test_a_deep_cut_counts_in_the_ideal_and_every_timed_step_is_recorded():
+def test_a_deep_cut_counts_in_the_ideal_and_every_step_is_recorded_and_profiled():
     deep = ["instruct", "instruct+pool0.25", "instruct+pool0.25+deep"]
-    result = run_bench("tiny", steps=2, warmup=0, batch=2, out=None, settings=deep, lengths="fixed", packing="on")
+    result = run_bench(
+        "tiny", steps=2, warmup=0, batch=2, out=None, settings=deep, lengths="fixed", packing="on", profile=True
+    )
     rows = result["settings"]
     assert rows["instruct+pool0.25+deep"]["flops_ideal_speedup"] > rows["instruct+pool0.25"]["flops_ideal_speedup"]
     assert rows["instruct+pool0.25"]["packed"] and not rows["instruct+pool0.25+deep"]["packed"], "deep: padded only"
     assert all(len(row["step_seconds"]) == 2 for row in rows.values())
+    for row in rows.values():
+        step = row["profile"]
+        assert 0 < step["busy_ms"] and 0 < step["wall_ms"] and any("mm" in op["name"] for op in step["top"])
 
 
 def test_packing_is_on_only_where_the_kernel_skips_across_samples():

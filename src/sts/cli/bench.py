@@ -184,12 +184,14 @@ def run_bench(
     lengths: str = "grouped",
     attention: str | None = None,
     packing: str = "auto",
+    profile: bool = False,
 ) -> dict:
     """Time every setting (see the module's docstring); `optimizer` adamw (fused on a GPU) or sgd
     (stateless, as the records before 2026-11-28); `checkpointing`: activations checkpointed in
     instruction tuning, as the shipped recipes do; `lengths` fixed, sampled or grouped (`build_rounds`);
     `attention` a transformers kernel (default: FlashAttention-2 where installed, else SDPA);
-    `packing` on, off or auto (on where the kernel skips what crosses samples)."""
+    `packing` on, off or auto (on where the kernel skips what crosses samples); `profile`: one more
+    step of each setting under `torch.profiler`, untimed, recorded as its busiest operations."""
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     unknown = sorted(set(settings or []) - {s.name for s in SETTINGS})
@@ -302,6 +304,10 @@ def run_bench(
                     sts.remove_sts(model)  # a no-op for an unpatched setting
             if device.type == "cuda":
                 torch.cuda.empty_cache()  # the next stage starts from a clean cache
+    profiles = {}
+    for setting in chosen if profile else []:
+        profiles[setting.name] = profiled_step(lambda: one_step(setting, train_as(setting), steps, Record()), device)
+        sts.remove_sts(model)
 
     seconds = {name: statistics.mean(record.times) for name, record in records.items()}
     baselines = {}
@@ -330,6 +336,7 @@ def run_bench(
             "flops_ideal_speedup": ideal,
             "speedup_over_ideal": speedup / ideal,
             "step_seconds": record.times,  # each timed step: an outlier shows here, not in the mean
+            **({"profile": profiles[setting.name]} if profile else {}),
         }
     instruct = rounds["instruct"][0]
     result = {
@@ -369,6 +376,25 @@ def run_bench(
         path.write_text(json.dumps(result, indent=2))
         print(f"recorded {path}")
     return result
+
+
+def profiled_step(step, device, top: int = 12) -> dict:
+    """One step under `torch.profiler`: its wall time, the time the device was busy (the sum of every
+    operation's own device time; on a CPU, of its own CPU time) and the `top` busiest operations. A
+    step much longer than its busy time waits on the host."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with profile(activities=activities) as profiler:
+        seconds = step()
+    events = profiler.key_averages()
+    own = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    busiest = sorted(events, key=lambda e: getattr(e, own), reverse=True)[:top]
+    return {
+        "wall_ms": seconds * 1000,
+        "busy_ms": sum(getattr(e, own) for e in events) / 1000,
+        "top": [{"name": e.key, "ms": getattr(e, own) / 1000, "calls": e.count} for e in busiest],
+    }
 
 
 def compiled(model, mode: str):
@@ -413,4 +439,9 @@ def format_bench(result: dict) -> str:
             f"  {row['against']}"
         )
     lines.append(f"language model share of a full instruction-tuning step's FLOPs: {result['lm_share_of_flops']:.1%}")
+    for name, row in result["settings"].items():
+        if "profile" in row:
+            step = row["profile"]
+            busiest = ", ".join(f"{op['name']} {op['ms']:.1f}" for op in step["top"][:5])
+            lines.append(f"profiled {name}: {step['wall_ms']:.0f} ms, busy {step['busy_ms']:.0f} ms; {busiest}")
     return "\n".join(lines)

@@ -141,6 +141,7 @@ def cmd_bench(args) -> None:
         lengths=args.lengths,
         attention=args.attention,
         packing=args.packing,
+        profile=args.profile,
     )
 
 
@@ -299,6 +300,9 @@ def build_parser() -> argparse.ArgumentParser:
         default="auto",
         choices=["auto", "on", "off"],
         help="padding-free batches for the dense baseline and STS (auto: where the kernel skips across samples)",
+    )
+    bench.add_argument(
+        "--profile", action="store_true", help="one more step of each setting under torch.profiler, in the record"
     )
     bench.set_defaults(run=cmd_bench)
 
