@@ -23,6 +23,13 @@ KEY_BIAS = "sts_key_bias"
 MULTIPLE = 8
 
 
+def allowed_keys(real: torch.Tensor) -> torch.Tensor:
+    """[B, L] real (not padding) positions -> [B, 1, L, L]: the keys each query may read, causally."""
+    length = real.shape[1]
+    causal = torch.ones(length, length, dtype=torch.bool, device=real.device).tril()
+    return causal[None, None] & real.bool()[:, None, None, :]
+
+
 def key_bias(sizes: torch.Tensor) -> torch.Tensor:
     """[B, L'] tokens each new position holds -> its key bias log(size) (0 on padding, masked anyway)."""
     return sizes.clamp(min=1).log()

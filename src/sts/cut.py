@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import torch
 
 from sts.adapters.base import Adapter
-from sts.attention import KEY_BIAS, key_bias
+from sts.attention import KEY_BIAS, allowed_keys, key_bias
 from sts.attention import install as install_key_bias
 from sts.config import VTCConfig
 from sts.draws import seeded_generator
@@ -220,8 +220,4 @@ def instruction_embeddings(
 def proportional_mask(padding: torch.Tensor, sizes: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """A causal 4D additive mask whose key bias log(size) weighs each token as `size` tokens in
     every softmax (ToMe's proportional attention); [batch, 1, length, length]."""
-    length = padding.shape[1]
-    causal = torch.ones(length, length, dtype=torch.bool, device=padding.device).tril()
-    allowed = causal[None] & padding.bool()[:, None, :]
-    bias = sizes.log().to(dtype)[:, None, :].expand(-1, length, -1)
-    return torch.where(allowed, bias, torch.finfo(dtype).min)[:, None]
+    return torch.where(allowed_keys(padding), sizes.log().to(dtype)[:, None, None, :], torch.finfo(dtype).min)

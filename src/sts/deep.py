@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from sts.adapters.base import StandIn, standing_in
-from sts.attention import KEY_BIAS
+from sts.attention import KEY_BIAS, allowed_keys
 from sts.vtc import evenly_spaced
 
 VARLEN_KWARGS = ("cu_seq_lens_q", "cu_seq_lens_k", "cu_seqlens_q", "cu_seqlens_k")
@@ -160,9 +160,7 @@ class DeepCut:
                 return None
             if self.attention.startswith("flash"):
                 return real.long()
-            length = real.shape[1]
-            causal = torch.ones(length, length, dtype=torch.bool, device=real.device).tril()
-            allowed = causal[None, None] & real[:, None, None, :]
+            allowed = allowed_keys(real)
             if self.attention == "eager":
                 return torch.zeros(allowed.shape, dtype=self.dtype, device=real.device).masked_fill(
                     ~allowed, torch.finfo(self.dtype).min
