@@ -71,7 +71,8 @@ def test_demo_recipe_selection_defines_variants_and_always_runs_the_baseline():
 
     assert list(select_recipes(None)) == ["baseline", "sts", "sts-max"]
     assert list(select_recipes(None, "llava-next")) == ["baseline", "sts", "sts-max", "sts-tiles"]
-    assert all(select_recipes(None, "llava-next")[name] == RECIPES[name] for name in RECIPES)
+    assert all(recipe == RECIPES[name] for name, recipe in select_recipes(None, "llava-next").items())
+    assert select_recipes(["sts-deep"])["sts-deep"] == RECIPES["sts-deep"], "a shipped recipe beyond the defaults"
     with pytest.raises(ConfigError, match="--preset 'llava-2'"):
         select_recipes(None, "llava-2")
     chosen = select_recipes(["sts", "pool=vtc.strategy=pool lds=null"])

@@ -143,6 +143,6 @@ def test_each_demo_preset_is_a_scale_model_of_its_7b_training(preset, synth_data
 
     base_here, base_7b = ideal_speedups("baseline")
     assert base_here[0] / sum(base_here) == pytest.approx(base_7b[0] / sum(base_7b), rel=0.1)
-    for name in shape.recipes:
+    for name in RECIPES:
         here, seven_b = ideal_speedups(name)
         assert sum(base_here) / sum(here) == pytest.approx(sum(base_7b) / sum(seven_b), rel=0.1), name
