@@ -306,7 +306,8 @@ def run_bench(
                 torch.cuda.empty_cache()  # the next stage starts from a clean cache
     profiles = {}
     for setting in chosen if profile else []:
-        profiles[setting.name] = profiled_step(lambda: one_step(setting, train_as(setting), steps, Record()), device)
+        last = steps - 1  # the last timed step again: the skipper's rate of the run's end, not zero
+        profiles[setting.name] = profiled_step(lambda: one_step(setting, train_as(setting), last, Record()), device)
         sts.remove_sts(model)
 
     seconds = {name: statistics.mean(record.times) for name, record in records.items()}
@@ -380,14 +381,16 @@ def run_bench(
 
 def profiled_step(step, device, top: int = 12) -> dict:
     """One step under `torch.profiler`: its wall time, the time the device was busy (the sum of every
-    operation's own device time; on a CPU, of its own CPU time) and the `top` busiest operations. A
+    operator's own device time; on a CPU, of its own CPU time) and the `top` busiest operators. A
     step much longer than its busy time waits on the host."""
+    from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity, profile
 
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
     with profile(activities=activities) as profiler:
         seconds = step()
-    events = profiler.key_averages()
+    # operators (host-side events); their kernels' rows would count the same device time twice
+    events = [e for e in profiler.key_averages() if e.device_type == DeviceType.CPU]
     own = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"
     busiest = sorted(events, key=lambda e: getattr(e, own), reverse=True)[:top]
     return {
