@@ -11,8 +11,9 @@
 # Writes its records under $OUT (the device tool's) or benchmarks/results/gpu-<date>/, each
 # with the device and date: `tests/test_gpu.py` (FSDP2, and ZeRO-3 where DeepSpeed is installed,
 # through `sts train` on one GPU with the skipper on, on NCCL, never gathering a skipped layer;
-# proportional attention and deep cuts on SDPA and FlexAttention), `sts bench` at LLaVA-1.5-7B,
-# LLaVA-NeXT-7B (anyres) and Qwen2.5-VL-7B shapes, proportional attention's cost per kernel.
+# proportional attention and deep cuts on SDPA and FlexAttention), and `sts bench` of the demo
+# recipes' stages at LLaVA-1.5-7B and LLaVA-NeXT-7B (anyres) shapes, profiled. Proportional
+# attention's cost per kernel is `benchmarks/attention.py` (35 s; last run 2026-11-28).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-benchmarks/results/gpu-$(date +%F)}

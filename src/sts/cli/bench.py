@@ -27,12 +27,11 @@ from transformers.utils import is_flash_attn_2_available, is_flash_attn_3_availa
 
 import sts
 from sts.adapters import get_adapter
-from sts.cli.flops import Shapes, deep_segments, samples_step_flops
+from sts.cli.flops import Shapes, sample_deep_segments, samples_step_flops
 from sts.cli.presets import preset as load_preset
 from sts.cli.recipes import ConfigError
 from sts.cli.synthetic import ImageLayout, draw_samples, real_lengths, synthetic_batch, visual_tokens
 from sts.compat import set_activation_checkpointing
-from sts.deep import cut_layers
 from sts.pack import VARLEN_KERNELS
 
 ALIGN = {"vision_tower": "frozen", "projector": "full", "language_model": "frozen"}
@@ -254,17 +253,11 @@ def run_bench(
             stats = sts.step_stats(model)
             kept = stats["visual_tokens_kept"] / stats["visual_tokens_in"] if stats["visual_tokens_in"] else 1.0
             skipped = stats.get("skipped_layers", [])
-        # every image has the same size, so each keeps the same share of its visual tokens; a deep
-        # cut keeps its ratio of them (`sts.deep`)
-        cuts = cut_layers(setting.deep_cuts, shapes.text_layers)
+        # every image has the same size, so each keeps the same share of its visual tokens
         visual = [round(v * kept) for v in this.visual]
         lengths = [n - v + k for n, v, k in zip(this.lengths, this.visual, visual)]
         deep = [
-            deep_segments(
-                shapes.text_layers,
-                skipped,
-                [(layer, n - k + (max(1, round(k * ratio)) if k else 0)) for layer, ratio in cuts],
-            )
+            sample_deep_segments(setting.deep_cuts, shapes.text_layers, skipped, n - k, k)
             for n, k in zip(lengths, visual)
         ]
         trains = {k: v == "full" for k, v in setting.parts.items()}
@@ -284,6 +277,12 @@ def run_bench(
     # first setting after each switch did). A whole-model compile keeps one setting's STS attached from
     # its first call (it never sees hooks added later), so there the settings run one after another,
     # each compiled afresh.
+    profiles = {}
+
+    def profile_last(setting: Setting, stepper: torch.optim.Optimizer) -> None:
+        """The last timed step again, under the profiler (the skipper at the run's end, not at zero)."""
+        profiles[setting.name] = profiled_step(lambda: one_step(setting, stepper, steps - 1, Record()), device)
+
     counters.clear()
     warmup_seconds = 0.0
     if compile == "whole":
@@ -293,6 +292,8 @@ def run_bench(
             for step in range(-warmup, steps):
                 seconds = one_step(setting, stepper, step, records[setting.name])
                 warmup_seconds += seconds if step < 0 else 0.0
+            if profile:  # while its graph is still the compiled one: later, the profile would time compiling
+                profile_last(setting, stepper)
             sts.remove_sts(model)  # a no-op for an unpatched setting
     else:
         for stage in ("align", "instruct"):
@@ -304,11 +305,9 @@ def run_bench(
                     sts.remove_sts(model)  # a no-op for an unpatched setting
             if device.type == "cuda":
                 torch.cuda.empty_cache()  # the next stage starts from a clean cache
-    profiles = {}
-    for setting in chosen if profile else []:
-        last = steps - 1  # the last timed step again: the skipper's rate of the run's end, not zero
-        profiles[setting.name] = profiled_step(lambda: one_step(setting, train_as(setting), last, Record()), device)
-        sts.remove_sts(model)
+        for setting in chosen if profile else []:
+            profile_last(setting, train_as(setting))
+            sts.remove_sts(model)
 
     seconds = {name: statistics.mean(record.times) for name, record in records.items()}
     baselines = {}

@@ -145,6 +145,19 @@ def deep_segments(num_layers: int, skipped: list[int], cuts: list[tuple[int, int
     )
 
 
+def sample_deep_segments(
+    points: list[tuple[float, float]], num_layers: int, skipped: list[int], text: int, visual: int
+) -> tuple[tuple[int, int], ...]:
+    """One sample's deep cuts (`vtc.deep_cuts` points) as `train_step_flops`' `deep`: its `text`
+    tokens and its image's `visual` ones at the language model, the image cut to each point's ratio
+    as `sts.deep` cuts it (a text-only sample keeps its length)."""
+    cuts = [
+        (layer, text + (max(1, round(visual * ratio)) if visual else 0))
+        for layer, ratio in cut_layers(points, num_layers)
+    ]
+    return deep_segments(num_layers, skipped, cuts)
+
+
 def samples_step_flops(
     s: Shapes,
     lengths: list[int],
@@ -211,12 +224,9 @@ def recipe_flops(
 
         def per_sample(visual: int, deep_cuts: list[tuple[float, float]] = ()) -> float:
             """One sample's cost with `visual` tokens at the language model, cut further in it by `deep_cuts`."""
-            cuts = [
-                (layer, text + max(1, round(visual * ratio)))
-                for layer, ratio in cut_layers(deep_cuts, shapes.text_layers)
-            ]
             share_run = layers / shapes.text_layers  # the skipper's expected share of each segment's layers
-            deep = tuple((count * share_run, n) for count, n in deep_segments(shapes.text_layers, [], cuts))
+            segments = sample_deep_segments(deep_cuts, shapes.text_layers, [], text, visual)
+            deep = tuple((count * share_run, n) for count, n in segments)
             return sum(train_step_flops(shapes, 1, text + visual, geometry.tower_images, trains, layers, deep).values())
 
         cost = per_sample(geometry.tokens())
