@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 
 class Strict(BaseModel):
@@ -55,6 +55,14 @@ class VTCConfig(Strict):
     full_tokens_random_fraction: float = Field(
         default=0.0, ge=0, lt=1, description="fraction of the other steps, drawn at random, on full tokens"
     )
+    self_distillation: float = Field(
+        default=0.0,
+        ge=0,
+        description="on full-token steps, the weight of a distillation term: the compressed forward runs "
+        "first, without gradient, and the full-token forward also learns its predictions of the answer tokens "
+        "(KL divergence, per answer token, as the loss counts them): DualSpeed's slow mode learning from its fast "
+        "mode. It needs full-token steps (DualSpeed: full_tokens_random_fraction 0.1, self_distillation 1.0)",
+    )
     proportional_attention: bool = Field(
         default=False,
         description="in the language model's attention, a token counts as many image tokens as it "
@@ -87,6 +95,15 @@ class VTCConfig(Strict):
                 "needs [depth, keep_ratio] points with ascending depths in (0, 1) and descending ratios in (0, 1]"
             )
         return points
+
+    @model_validator(mode="after")
+    def distils_on_full_token_steps(self) -> VTCConfig:
+        if self.self_distillation and not (self.full_tokens_random_fraction or self.full_tokens_final_fraction):
+            raise ValueError(
+                "self_distillation needs full-token steps to distil into: set full_tokens_random_fraction "
+                "(or full_tokens_final_fraction)"
+            )
+        return self
 
     def keep_ratio_at(self, progress: float) -> float:
         ratio = self.keep_ratio

@@ -6,7 +6,9 @@ never change). In `model.eval()` the original forward runs untouched. In trainin
 still runs its own forward: the compressor cuts the sequence where the language model receives
 it (a pre-hook registered for as long as STS is attached, acting on the forward's pending cut;
 packing, `sts.pack`, happens there too), skipped layers are identities for that forward, and
-with deep cuts the layers from the first cut on read fewer visual tokens (`sts.deep`).
+with deep cuts the layers from the first cut on read fewer visual tokens (`sts.deep`). With
+self-distillation, a full-token step first runs the compressed forward without gradient, and its
+answer-token predictions join the loss (DualSpeed's fast mode teaching its slow mode).
 Under `torch.compile` STS's own Python runs eagerly and only the model's forward is traced.
 Everything STS needs to know about training progress comes from `set_progress`; nothing here
 logs or does I/O.
@@ -125,12 +127,13 @@ def apply_sts(model, cfg: STSConfig | dict):
             return state.original_forward(*args, **kwargs)
         if args:
             raise TypeError("sts: pass the model's inputs as keyword arguments (input_ids=..., pixel_values=...)")
+        teacher = teacher_forward(state, kwargs)
         plan = begin_forward(state, kwargs)
         try:
             output = state.original_forward(**kwargs)
         finally:
             plan.close()
-        return end_forward(model, state, plan, kwargs, output)
+        return end_forward(model, state, plan, kwargs, output, teacher)
 
     model.forward = torch.compiler.disable(forward, recursive=False)
     return wrapper
@@ -153,9 +156,10 @@ class ForwardPlan:
 
 
 @torch.compiler.disable
-def begin_forward(state: STSState, kwargs: dict) -> ForwardPlan:
+def begin_forward(state: STSState, kwargs: dict, teacher: bool = False) -> ForwardPlan:
     """Record the batch, draw this forward's skips, decide whether it is compressed (or packed) and
-    enter the plan's contexts; `kwargs` (the model's inputs) is edited in place."""
+    enter the plan's contexts; `kwargs` (the model's inputs) is edited in place. A `teacher` forward
+    (self-distillation's) is compressed and skips no layer."""
     plan = ForwardPlan()
     input_ids = kwargs.get("input_ids")
     state.stats = {
@@ -167,6 +171,8 @@ def begin_forward(state: STSState, kwargs: dict) -> ForwardPlan:
         "input_seq_len": 0,
         "lm_seq_len": 0,
         "deep_seq_lens": [],  # (layer, length) of each deep cut: the sequence from that layer on
+        "skipped_layers": [],
+        "teacher": None,  # a self-distillation step's teacher forward: its stats, as a forward's
     }
     if input_ids is not None:
         visual = int(state.adapter.visual_token_mask(input_ids).sum())
@@ -177,7 +183,7 @@ def begin_forward(state: STSState, kwargs: dict) -> ForwardPlan:
             input_seq_len=input_ids.shape[1],
             lm_seq_len=input_ids.shape[1],
         )
-    compressing = state.vtc_active() and input_ids is not None and state.stats["visual_tokens_in"] > 0
+    compressing = (teacher or state.vtc_active()) and input_ids is not None and state.stats["visual_tokens_in"] > 0
     # A fused LM head (TRL's `fused_lm_head=True`) scores the labels inside the forward: they stay
     # in the call and are cut in place with the sequence. Otherwise STS computes the loss itself.
     plan.fused = bool(kwargs.get("fused_lm_head"))
@@ -186,7 +192,7 @@ def begin_forward(state: STSState, kwargs: dict) -> ForwardPlan:
         features = plan.contexts.enter_context(capture_features(state.adapter)) if compressing else None
         state.pending = plan.cut = PendingCut(state, kwargs, plan.labels, features, plan.fused, state.cfg.pack)
         plan.contexts.callback(setattr, state, "pending", None)
-    skipped = state.layers_to_skip()
+    skipped = [] if teacher else state.layers_to_skip()
     if skipped:
         plan.contexts.enter_context(state.adapter.without_layers(skipped))
         kwargs["use_cache"] = False
@@ -210,9 +216,63 @@ def whole_sequence_labels(kwargs: dict) -> torch.Tensor | None:
     return torch.nn.functional.pad(labels, (missing, 0), value=IGNORE_INDEX)
 
 
+class Teacher:
+    """A self-distillation step's teacher: the compressed forward's answer-token logits, and its stats."""
+
+    def __init__(self, logits: torch.Tensor, stats: dict):
+        self.logits, self.stats = logits, stats
+
+
 @torch.compiler.disable
-def end_forward(model, state: STSState, plan: ForwardPlan, kwargs: dict, output):
-    """Count the forward in the stats and give the output the cut sequence's loss."""
+def teacher_forward(state: STSState, kwargs: dict) -> Teacher | None:
+    """On a full-token step with `vtc.self_distillation`, run the compressed forward without gradient
+    (DualSpeed's fast mode, teacher of its slow mode); None on every other forward."""
+    vtc, input_ids = state.cfg.vtc, kwargs.get("input_ids")
+    if (
+        vtc is None
+        or not vtc.self_distillation
+        or state.vtc_active()
+        or kwargs.get("labels") is None
+        or input_ids is None
+        or not state.adapter.visual_token_mask(input_ids).any()
+    ):
+        return None
+    if kwargs.get("fused_lm_head"):
+        raise ValueError(
+            "sts: vtc.self_distillation needs the model's logits, and a fused LM head (TRL's fused_lm_head) "
+            "computes the loss without them; turn one of the two off"
+        )
+    inputs = dict(kwargs)
+    inputs["labels"] = whole_sequence_labels(inputs)
+    inputs.pop("logits_to_keep", None)  # the teacher scores every answer token, whatever the student keeps
+    with torch.no_grad():
+        plan = begin_forward(state, inputs, teacher=True)
+        try:
+            output = state.original_forward(**inputs)
+        finally:
+            plan.close()
+    check_cut_ran(plan)
+    stats = {**state.stats, "deep_seq_lens": plan.cut.deep.lengths if plan.cut.deep is not None else []}
+    return Teacher(answer_logits(output.logits, plan.cut.cut_labels(plan.labels)), stats)
+
+
+def answer_logits(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """The logits that predict the answer tokens (a causal model's next-token shift), one row each."""
+    return logits[..., :-1, :][labels[..., 1:] != IGNORE_INDEX]
+
+
+def check_cut_ran(plan: ForwardPlan) -> None:
+    if plan.cut is not None and not plan.cut.ran:
+        raise RuntimeError(
+            "sts: the language model ran without STS's cut: was the model compiled before sts.apply_sts? "
+            "Attach STS first (torch.compile never sees hooks added later), or compile its layers instead"
+        )
+
+
+@torch.compiler.disable
+def end_forward(model, state: STSState, plan: ForwardPlan, kwargs: dict, output, teacher: Teacher | None = None):
+    """Count the forward in the stats and give the output the cut sequence's loss (and, under a
+    teacher, the distillation term)."""
     state.micro_batch += 1
     cfg = state.cfg
     if state.micro_batch == 2 and state.total == 0 and (cfg.vtc or cfg.lds):
@@ -223,15 +283,17 @@ def end_forward(model, state: STSState, plan: ForwardPlan, kwargs: dict, output)
         )
     if plan.cut is not None and plan.cut.deep is not None:
         state.stats["deep_seq_lens"] = plan.cut.deep.lengths
+    state.stats["teacher"] = None if teacher is None else teacher.stats
     state.history.append(dict(state.stats))
     state.window.add(state.stats)
-    if plan.cut is not None and not plan.cut.ran:
-        raise RuntimeError(
-            "sts: the language model ran without STS's cut: was the model compiled before sts.apply_sts? "
-            "Attach STS first (torch.compile never sees hooks added later), or compile its layers instead"
-        )
+    check_cut_ran(plan)
+    labels = kwargs.get("labels")
     if plan.cut is not None and plan.labels is not None and not plan.fused:
-        output = with_loss(model, output, plan.cut.cut_labels(plan.labels), kwargs)
+        labels = plan.cut.cut_labels(plan.labels)
+        output = with_loss(output, model_loss(model, output.logits, labels, kwargs))
+    if teacher is not None:
+        term = distillation(teacher, answer_logits(output.logits, labels), kwargs.get("num_items_in_batch"))
+        output = with_loss(output, output.loss + state.cfg.vtc.self_distillation * term)
     return output
 
 
@@ -398,12 +460,33 @@ def deep_cut(state: STSState, pending: PendingCut, lm_inputs: dict) -> DeepCut:
     )
 
 
-def with_loss(model, output, labels: torch.Tensor, inputs: dict):
-    """The model's output with the loss of the cut sequence, computed as the model computes it."""
-    loss = model.loss_function(
-        logits=output.logits,
+def model_loss(model, logits: torch.Tensor, labels: torch.Tensor, inputs: dict) -> torch.Tensor:
+    """The loss of the cut sequence, computed as the model computes it."""
+    return model.loss_function(
+        logits=logits,
         labels=labels,
         vocab_size=model.config.get_text_config().vocab_size,
         num_items_in_batch=inputs.get("num_items_in_batch"),
     )
+
+
+def distillation(teacher: Teacher, student: torch.Tensor, num_items_in_batch) -> torch.Tensor:
+    """KL(teacher || student) over the answer tokens' logits, summed and divided as the loss divides
+    its sum (by `num_items_in_batch` under gradient accumulation, else by the answer tokens)."""
+    if student.shape[0] != teacher.logits.shape[0]:
+        raise RuntimeError(
+            f"sts: self-distillation: the full-token forward scored {student.shape[0]} answer tokens, "
+            f"the compressed one {teacher.logits.shape[0]}"
+        )
+    divergence = torch.nn.functional.kl_div(
+        torch.log_softmax(student.float(), dim=-1),
+        torch.log_softmax(teacher.logits.float(), dim=-1),
+        reduction="sum",
+        log_target=True,
+    )
+    return divergence / (num_items_in_batch if num_items_in_batch is not None else max(student.shape[0], 1))
+
+
+def with_loss(output, loss: torch.Tensor):
+    """The model's output with `loss` as its loss."""
     return type(output)(loss=loss, **{k: v for k, v in output.items() if k != "loss"})

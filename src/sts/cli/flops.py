@@ -124,7 +124,7 @@ def train_step_flops(
     shallow = layers_run - sum(layers for layers, _ in deep)
     final = deep[-1][1] if deep else length
     # The head's input gradient is always needed while anything trains.
-    lm_head = step_cost(linear(batch * final, s.text_hidden, s.vocab), True, lm_trains)
+    lm_head = step_cost(linear(batch * final, s.text_hidden, s.vocab), any(trains.values()), lm_trains)
     projector_forward = linear(images * s.image_tokens, s.projector_in, s.text_hidden) + linear(
         images * s.image_tokens, s.text_hidden, s.text_hidden
     )
@@ -222,12 +222,26 @@ def recipe_flops(
         trains = {part: mode == "full" for part, mode in stage.train.model_dump().items()}
         layers = shapes.text_layers - (expected_skips(shapes.text_layers, sts.lds) if sts.lds else 0)
 
-        def per_sample(visual: int, deep_cuts: list[tuple[float, float]] = ()) -> float:
-            """One sample's cost with `visual` tokens at the language model, cut further in it by `deep_cuts`."""
-            share_run = layers / shapes.text_layers  # the skipper's expected share of each segment's layers
+        def per_sample(visual: int, deep_cuts: list[tuple[float, float]] = (), teacher: bool = False) -> float:
+            """One sample's cost with `visual` tokens at the language model, cut further in it by `deep_cuts`;
+            a self-distillation `teacher` forward runs every layer and no backward."""
+            step_trains = dict.fromkeys(trains, False) if teacher else trains
+            layers_run = shapes.text_layers if teacher else layers
+            share_run = layers_run / shapes.text_layers  # the skipper's expected share of each segment's layers
             segments = sample_deep_segments(deep_cuts, shapes.text_layers, [], text, visual)
             deep = tuple((count * share_run, n) for count, n in segments)
-            return sum(train_step_flops(shapes, 1, text + visual, geometry.tower_images, trains, layers, deep).values())
+            return sum(
+                train_step_flops(
+                    shapes, 1, text + visual, geometry.tower_images, step_trains, layers_run, deep
+                ).values()
+            )
+
+        def compressed(teacher: bool = False) -> float:
+            vtc = sts.vtc
+            return sum(
+                share * per_sample(geometry.kept(vtc.strategy, ratio, vtc.tile_keep_ratio), vtc.deep_cuts, teacher)
+                for share, ratio in vtc.phases()
+            )
 
         cost = per_sample(geometry.tokens())
         if sts.vtc:
@@ -235,10 +249,7 @@ def recipe_flops(
                 sts.vtc.full_tokens_final_fraction
                 + (1 - sts.vtc.full_tokens_final_fraction) * sts.vtc.full_tokens_random_fraction
             )
-            compressed = sum(
-                share * per_sample(geometry.kept(sts.vtc.strategy, ratio, sts.vtc.tile_keep_ratio), sts.vtc.deep_cuts)
-                for share, ratio in sts.vtc.phases()
-            )
-            cost = full * cost + (1 - full) * compressed
+            teacher = compressed(teacher=True) if sts.vtc.self_distillation else 0.0
+            cost = full * (cost + teacher) + (1 - full) * compressed()
         flops.append(samples * fraction * cost)
     return flops

@@ -27,19 +27,25 @@ class StepMeter(TrainerCallback):
 
     def on_step_end(self, args, state, control, **kwargs):
         for forward in drain_stats(self.model):
-            layers_run = self.shapes.text_layers - len(forward["skipped_layers"])
-            deep = deep_segments(self.shapes.text_layers, forward["skipped_layers"], forward["deep_seq_lens"])
-            self.flops += sum(
-                train_step_flops(
-                    self.shapes,
-                    forward["batch_size"],
-                    forward["lm_seq_len"],
-                    forward["tower_images"],
-                    self.trains,
-                    layers_run,
-                    deep,
-                ).values()
-            )
+            self.flops += self.forward_flops(forward, self.trains)
+            if forward["teacher"] is not None:  # self-distillation's teacher: a forward, no backward
+                self.flops += self.forward_flops(forward["teacher"], dict.fromkeys(self.trains, False))
+
+    def forward_flops(self, forward: dict, trains: dict[str, bool]) -> float:
+        """FLOPs of one forward's tokens and layers (and its backward, for what `trains`)."""
+        layers_run = self.shapes.text_layers - len(forward["skipped_layers"])
+        deep = deep_segments(self.shapes.text_layers, forward["skipped_layers"], forward["deep_seq_lens"])
+        return sum(
+            train_step_flops(
+                self.shapes,
+                forward["batch_size"],
+                forward["lm_seq_len"],
+                forward["tower_images"],
+                trains,
+                layers_run,
+                deep,
+            ).values()
+        )
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         if logs and "loss" in logs:
