@@ -9,8 +9,6 @@ import torch
 import torch.nn.functional as F
 
 import sts
-from sts.cli.data.collate import Collator
-from sts.cli.data.dataset import LlavaDataset
 from sts.cli.flops import Shapes, recipe_flops, train_step_flops
 from sts.cli.models.tiny import build_model
 from sts.cli.recipes import ConfigError, load_recipe
@@ -21,19 +19,6 @@ from tests.conftest import TEST_SIZES
 COMPRESSOR = {"strategy": "pool", "keep_ratio": 0.25}
 # Progress 0.9 of a stage whose last half is on full tokens: a full-token step, by rule not by draw.
 DISTILLED = {**COMPRESSOR, "full_tokens_final_fraction": 0.5, "self_distillation": 0.7}
-
-
-@pytest.fixture
-def model():
-    return build_model(TEST_SIZES, seed=3, base=False).train()
-
-
-@pytest.fixture(scope="module")
-def batch(synth_data, processor):
-    dataset = LlavaDataset(synth_data["train"], processor)
-    samples = [dataset[i] for i in range(3)]
-    samples[1] = {**samples[1], "input_ids": samples[1]["input_ids"][:-8], "labels": samples[1]["labels"][:-8]}
-    return Collator(processor.tokenizer.pad_token_id)(samples)
 
 
 def language_model_lengths(model) -> list[int]:

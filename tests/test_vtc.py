@@ -7,7 +7,6 @@ import torch.nn.functional as F
 
 import sts
 from sts.cli.data.collate import Collator
-from sts.cli.data.dataset import LlavaDataset
 from sts.cli.models.tiny import build_model
 from sts.cut import IGNORE_INDEX, proportional_mask
 from sts.patch import has_sts
@@ -16,20 +15,6 @@ from tests.conftest import TEST_SIZES
 
 STRATEGIES = ["uniform", "random", "text_guided", "distinct", "pool"]
 PATCHES = (TEST_SIZES.image_size // TEST_SIZES.patch_size) ** 2
-
-
-@pytest.fixture
-def model():
-    return build_model(TEST_SIZES, seed=3, base=False).train()
-
-
-@pytest.fixture(scope="module")
-def batch(synth_data, processor):
-    dataset = LlavaDataset(synth_data["train"], processor)
-    samples = [dataset[i] for i in range(4)]
-    # Ragged lengths: the second sample loses its last turn, so the batch is padded.
-    samples[1] = {**samples[1], "input_ids": samples[1]["input_ids"][:-8], "labels": samples[1]["labels"][:-8]}
-    return Collator(processor.tokenizer.pad_token_id)(samples)
 
 
 def record_language_model_inputs(model):
