@@ -155,7 +155,7 @@ def test_demo_compares_the_recipes_over_seeds_and_writes_results(tmp_path):
     saved = json.loads((tmp_path / "results.json").read_text())
     assert saved["seeds"] == [1, 2]
     assert list(saved["runs"]) == [*PRESETS["llava-1.5"].recipes, EQUAL_TIME]
-    assert list(saved["runs"]) == ["baseline", "sts", "sts-max", EQUAL_TIME]
+    assert list(saved["runs"]) == ["baseline", "sts", "sts-full-tail", EQUAL_TIME]
     for name, run in saved["runs"].items():
         assert set(run["per_type"]) == {"colour", "shape", "count", "exist", "position"}
         assert set(run["seeds"]) == {"1", "2"}
@@ -172,7 +172,7 @@ def test_demo_compares_the_recipes_over_seeds_and_writes_results(tmp_path):
     baseline, sparse = saved["runs"]["baseline"], saved["runs"]["sts"]
     assert baseline["speedup"] == 1.0 and baseline["flops_ideal_speedup"] == 1.0
     # Scaled to 7B trainings, anyres images (LLaVA-NeXT) leave the compressor more to take.
-    most = saved["runs"]["sts-max"]
+    most = saved["runs"]["sts-full-tail"]
     assert most["llava_next_ideal_speedup"] > most["llava_15_ideal_speedup"] > 1.5
     # The compressor really shortens alignment: fewer FLOPs for the same samples.
     assert sparse["stages"][0]["flops"] < 0.7 * baseline["stages"][0]["flops"]
@@ -180,7 +180,9 @@ def test_demo_compares_the_recipes_over_seeds_and_writes_results(tmp_path):
     # The equal-time baseline: per seed and stage, the steps that fit in the fastest STS recipe's time.
     for seed in ("1", "2"):
         dense = baseline["seeds"][seed]["stages"]
-        fastest = min((saved["runs"][n]["seeds"][seed] for n in ("sts", "sts-max")), key=lambda r: r["train_seconds"])
+        fastest = min(
+            (saved["runs"][n]["seeds"][seed] for n in ("sts", "sts-full-tail")), key=lambda r: r["train_seconds"]
+        )
         cut = saved["runs"][EQUAL_TIME]["seeds"][seed]["stages"]
         for full, fast, short in zip(dense, fastest["stages"], cut):
             assert short["steps"] == max(1, round(full["steps"] * fast["seconds"] / full["seconds"]))

@@ -209,8 +209,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--recipe",
         action="append",
         metavar="NAME[='key=value ...']",
-        help="run these recipes (repeatable; default: baseline, sts, sts-max): a shipped name, "
-        "or a new name with overrides of the demo recipe; baseline always runs",
+        help="run these recipes (repeatable; default: the preset's, for llava-1.5 baseline, sts and sts-full-tail): "
+        "a shipped name, or a new name with overrides of the demo recipe; baseline always runs",
     )
     demo.set_defaults(run=cmd_demo)
 
