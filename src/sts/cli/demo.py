@@ -53,8 +53,8 @@ RECIPES = {
     "sts-max": STS_MAX,
     # `sts-max` with alignment's last tenth of steps on full tokens: a projector aligned only on means
     # of 16 tokens does not learn where things are on some seeds (position questions at 0.57); its
-    # last steps on the tokens it will see at inference bring them back. Five seeds: retention 0.982
-    # (0.964-1.002) against `sts-max`'s 0.970 (0.909-0.998), for 2.40x FLOPs-ideal against 2.55x (README).
+    # last steps on the tokens it will see at inference bring them back. Five seeds: retention 0.981
+    # (0.963-1.002) against `sts-max`'s 0.970 (0.909-0.998), for 2.40x FLOPs-ideal against 2.55x (README).
     "sts-full-tail": [*STS_MAX, "vtc.full_tokens_final_fraction=0.1"],
     # `sts-max` with a deep cut in instruction tuning: from a third of the decoder's depth on, a quarter
     # of the pooled tokens (evenly spaced). Five seeds kept `sts-max`'s accuracy (README); the deep
