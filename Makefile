@@ -36,6 +36,7 @@ test-oldest: $(OLDEST)
 
 pretrain-base: $(STAMP)
 	.venv/bin/sts pretrain-base
+	.venv/bin/sts pretrain-base --family llava-next --records 6000 --language-steps 500
 
 clean:
 	rm -rf .venv .venv-oldest runs

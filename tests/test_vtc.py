@@ -309,3 +309,28 @@ def test_proportional_attention_runs_in_flex_attention_as_in_eager(model, batch)
         with torch.no_grad():
             losses[attention] = patched(**batch).loss
     assert torch.allclose(losses["flex_attention"], losses["eager"], atol=1e-5)
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_a_cut_maps_every_old_position_as_its_groups_say(seed):
+    """Cut.from_owners, batched, against the plain per-row reading of `owners`: the new tokens are
+    the distinct owners in order; each old position goes to its owner's, and each new one holds
+    as many old positions as name its owner."""
+    from sts.cut import Cut
+
+    generator = torch.Generator().manual_seed(seed)
+    rows = []
+    for length in torch.randint(1, 30, (4,), generator=generator).tolist():
+        groups = torch.randint(-1, 6, (length,), generator=generator).sort().values  # runs: pooled windows
+        owners = torch.arange(length)
+        for group in groups.unique():
+            members = (groups == group).nonzero().flatten()
+            owners[members] = -1 if group < 0 else members[0]
+        rows.append(torch.cat([owners, torch.full((30 - length,), -1)]))  # right padding
+    cut = Cut.from_owners(torch.stack(rows))
+    for b, owners in enumerate(rows):
+        anchors = owners[owners >= 0].unique(sorted=True)
+        assert torch.equal(cut.first[b, : len(anchors)], anchors) and not cut.real[b, len(anchors) :].any()
+        expected = torch.where(owners >= 0, torch.searchsorted(anchors, owners.clamp(min=0)), -1)
+        assert torch.equal(cut.target[b], expected)
+        assert torch.equal(cut.sizes[b, : len(anchors)], (owners[:, None] == anchors).sum(0).float())

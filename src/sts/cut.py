@@ -15,6 +15,7 @@ indexed by visual token (e.g. DeepStack features), so nothing can fall out of st
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -24,7 +25,7 @@ from sts.attention import KEY_BIAS, allowed_keys, key_bias
 from sts.attention import install as install_key_bias
 from sts.config import VTCConfig
 from sts.draws import seeded_generator
-from sts.vtc import FEATURE_STRATEGIES, TEXT_STRATEGIES, Context, compress
+from sts.vtc import FEATURE_STRATEGIES, GRID_STRATEGIES, TEXT_STRATEGIES, Context, compress
 
 IGNORE_INDEX = -100  # the label the loss leaves out (transformers' convention)
 
@@ -39,18 +40,18 @@ class Cut:
     def from_owners(cls, owners: torch.Tensor) -> Cut:
         """owners [B, L]: for each old position, the first old position of the new token it goes
         into (itself for a token kept alone), or -1 if dropped."""
-        batch, _ = owners.shape
-        kept = [row[row >= 0].unique(sorted=True) for row in owners]
-        length = max(1, max(len(k) for k in kept))
-        target = torch.full_like(owners, -1)
+        batch, old_length = owners.shape
+        anchors = owners == torch.arange(old_length, device=owners.device)  # each new token's first old one
+        new_index = anchors.cumsum(1) - 1  # the new position of each anchor
+        length = max(1, int(anchors.sum(1).max()))
+        live = owners >= 0
+        target = torch.where(live, new_index.gather(1, owners.clamp(min=0)), -1)
+        rows, columns = anchors.nonzero(as_tuple=True)
         first = torch.zeros(batch, length, dtype=torch.long, device=owners.device)
-        sizes = torch.zeros(batch, length, device=owners.device)
-        for b, anchors in enumerate(kept):
-            live = owners[b] >= 0
-            target[b, live] = torch.searchsorted(anchors, owners[b, live])
-            first[b, : len(anchors)] = anchors
-            sizes[b] = torch.bincount(target[b, live], minlength=length).float()
-        return cls(target, first, sizes)
+        first[rows, new_index[rows, columns]] = columns
+        flat = (torch.arange(batch, device=owners.device)[:, None] * length + target)[live]
+        sizes = torch.zeros(batch * length, device=owners.device).index_add_(0, flat, torch.ones(len(flat)))
+        return cls(target, first, sizes.view(batch, length))
 
     def to(self, device) -> Cut:
         return Cut(self.target.to(device), self.first.to(device), self.sizes.to(device))
@@ -90,6 +91,36 @@ class Cut:
         b = visual.nonzero()[:, 0]
         live = targets >= 0
         return means(rows[live], new_index[b[live], targets[live]], self.sizes[new_visual])
+
+
+@dataclass(frozen=True)
+class UnitPlan:
+    """One unit's cut, by index among its candidate tokens: which are kept (`live`), the index of
+    the first token of each one's group (`anchor`: the group takes its position), and how many
+    tokens the unit keeps."""
+
+    live: torch.Tensor
+    anchor: torch.Tensor
+    kept: int
+
+    @classmethod
+    def of(cls, groups: torch.Tensor) -> UnitPlan:
+        live, n = groups >= 0, len(groups)
+        kept = int(groups.max()) + 1 if live.any() else 0
+        first = torch.full((kept,), n).scatter_reduce(0, groups[live], torch.arange(n)[live], "amin")
+        return cls(live, first[groups.clamp(min=0)] if kept else torch.zeros_like(groups), kept)
+
+    def owners(self, candidates: torch.Tensor) -> torch.Tensor:
+        """For each of the unit's (ascending) candidate positions, its group's first position, or -1."""
+        return torch.where(self.live, candidates[self.anchor], -1)
+
+
+@functools.lru_cache(maxsize=256)
+def grid_plan(strategy: str, grid: tuple[int, int], keep_ratio: float) -> UnitPlan:
+    """The plan of a strategy that looks at the grid alone: made once, then the same for every image
+    of that grid (the cut is planned on the host, once per unit of every step)."""
+    blank = torch.empty(grid[0] * grid[1], 0)
+    return UnitPlan.of(compress(strategy, blank, grid, keep_ratio, Context(None, torch.Generator())))
 
 
 def means(values: torch.Tensor, index: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
@@ -144,24 +175,19 @@ def cut_batch(
             row, positions = int(slots[offset, 0]), slots[offset : offset + unit.size, 1]
             offset += unit.size
             candidates = positions if unit.candidates is None else positions[unit.candidates.cpu()]
-            unit_features = (
-                embeds[row, candidates.to(device)]
-                if vtc.strategy in FEATURE_STRATEGIES
-                else torch.empty(len(candidates), 0)
-            )  # the others look only at the grid
-            groups = compress(
-                vtc.strategy,
-                unit_features,
-                unit.grid,
-                vtc.tile_keep_ratio if unit.tiles and vtc.tile_keep_ratio is not None else keep_ratio,
-                Context(instructions[row], seeded_generator(*draw, unit_index)),
-            ).cpu()
-            live = groups >= 0
-            firsts = torch.full((int(groups.max()) + 1,), length).scatter_reduce(
-                0, groups[live], candidates[live], "amin"
-            )
-            owners[row, candidates] = torch.where(live, firsts[groups.clamp(min=0)], -1)
-            kept_visual += len(positions) - len(candidates) + len(firsts)
+            ratio = vtc.tile_keep_ratio if unit.tiles and vtc.tile_keep_ratio is not None else keep_ratio
+            if vtc.strategy in GRID_STRATEGIES:
+                plan = grid_plan(vtc.strategy, tuple(map(int, unit.grid)), ratio)
+            else:
+                unit_features = (
+                    embeds[row, candidates.to(device)]
+                    if vtc.strategy in FEATURE_STRATEGIES
+                    else torch.empty(len(candidates), 0)
+                )  # the others look only at the grid
+                context = Context(instructions[row], seeded_generator(*draw, unit_index))
+                plan = UnitPlan.of(compress(vtc.strategy, unit_features, unit.grid, ratio, context).cpu())
+            owners[row, candidates] = plan.owners(candidates)
+            kept_visual += len(positions) - len(candidates) + plan.kept
             unit_index += 1
         if len(slots) and not features.get(modality.name):
             raise ValueError(

@@ -93,6 +93,7 @@ def pool(features, grid, keep, context):
 STRATEGIES = {"uniform": uniform, "random": random, "text_guided": text_guided, "distinct": distinct, "pool": pool}
 FEATURE_STRATEGIES = {"text_guided", "distinct"}  # read the features; the others only their count and grid
 TEXT_STRATEGIES = {"text_guided"}  # read the instruction
+GRID_STRATEGIES = {"uniform", "pool"}  # read nothing but the grid: the same groups for every image of it
 
 
 def kept_count(total: int, keep_ratio: float) -> int:

@@ -154,6 +154,7 @@ def cmd_pretrain_base(args) -> None:
         vision_steps=args.vision_steps,
         language_steps=args.language_steps,
         seed=args.seed,
+        family=args.family,
         resume=args.resume,
     )
 
@@ -311,6 +312,12 @@ def build_parser() -> argparse.ArgumentParser:
     pretrain.add_argument("--records", type=at_least(1), default=12000)
     pretrain.add_argument("--vision-steps", type=at_least(0), default=150)
     pretrain.add_argument("--language-steps", type=at_least(0), default=4500)
+    pretrain.add_argument(
+        "--family",
+        choices=["llava", "llava-next"],
+        default="llava",
+        help="llava-next: continue the LLaVA form's language model on the anyres form's image-token layout",
+    )
     pretrain.add_argument("--resume", action="store_true", help="continue the language model from the shipped weights")
     pretrain.add_argument("--seed", type=int, default=1234)
     pretrain.set_defaults(run=cmd_pretrain_base)

@@ -33,7 +33,10 @@ from sts.cli.data.synth import vocabulary
 from sts.cli.recipes import TinyModelConfig
 from sts.compat import in_model_layout, pil_image_processor
 
-BASE_WEIGHTS = Path(__file__).resolve().parent.parent / "assets" / "tiny-base.safetensors"
+ASSETS = Path(__file__).resolve().parent.parent / "assets"
+# Each form's base: the same vision tower; the anyres form's language model further pre-trained on
+# its own layout of image tokens (`sts pretrain-base --family llava-next`).
+BASE_WEIGHTS = {"llava": ASSETS / "tiny-base.safetensors", "llava-next": ASSETS / "tiny-base-llava-next.safetensors"}
 SPECIAL_TOKENS = ["<pad>", "<unk>", "<s>", "</s>", "<image>"]
 IMAGE_TOKEN = "<image>"
 TEMPLATE_WORDS = ["USER", "ASSISTANT", ":"]
@@ -182,7 +185,7 @@ def build_model(
     torch.manual_seed(seed)
     model = MODEL_CLASSES[family](config)
     if base:
-        load_base_weights(model, cfg)
+        load_base_weights(model, cfg, BASE_WEIGHTS[family])
     return model
 
 
@@ -192,7 +195,7 @@ EXTRA_PREFIX = "pretrain."  # pre-training state kept beside the weights (for re
 def save_base_weights(
     model: LlavaForConditionalGeneration,
     cfg: TinyModelConfig,
-    path: Path = BASE_WEIGHTS,
+    path: Path = BASE_WEIGHTS["llava"],
     extra: dict[str, torch.Tensor] | None = None,
 ) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -206,9 +209,10 @@ def load_extra(path: Path, key: str) -> torch.Tensor:
     return load_file(str(path))[key]
 
 
-def load_base_weights(model: LlavaForConditionalGeneration, cfg: TinyModelConfig, path: Path = BASE_WEIGHTS) -> None:
+def load_base_weights(model: LlavaForConditionalGeneration, cfg: TinyModelConfig, path: Path) -> None:
     if not path.exists():
-        raise FileNotFoundError(f"no base weights at {path}: run `sts pretrain-base` first")
+        family = "" if path == BASE_WEIGHTS["llava"] else " --family llava-next"
+        raise FileNotFoundError(f"no base weights at {path}: run `sts pretrain-base{family}` first")
     from safetensors import safe_open
 
     with safe_open(str(path), framework="pt") as f:
