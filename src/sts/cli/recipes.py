@@ -168,7 +168,7 @@ class ModelConfig(Strict):
     family: Literal["llava", "llava-next"] = Field(
         default="llava",
         description="tiny model: LLaVA (one view), or LLaVA-NeXT's anyres form (a base view and 2 x 2 "
-        "tiles of images twice the tower's size, newline tokens) on the same base weights",
+        "tiles of images twice the tower's size, newline tokens) on its own base weights",
     )
     base: bool = Field(default=True, description="tiny model: start from the shipped pre-trained tower and LM")
     trust_remote_code: bool = Field(

@@ -1,5 +1,6 @@
 """The embedded default: a real transformers LLaVA (CLIP tower + Llama), built from configs;
-also in LLaVA-NeXT's anyres form (`family="llava-next"`), from the same base weights.
+also in LLaVA-NeXT's anyres form (`family="llava-next"`), from its own base weights (the same
+sizes, further pre-trained on the anyres views and layout).
 
 Nothing comes from a hub. The tokenizer is a word-level `PreTrainedTokenizerFast` made
 from the synthetic data's vocabulary; the processor is a real `LlavaProcessor`. The base
@@ -128,7 +129,7 @@ def build_processor(cfg: TinyModelConfig | None = None, family: str = "llava") -
 
 def build_config(cfg: TinyModelConfig | None = None, family: str = "llava") -> LlavaConfig | LlavaNextConfig:
     """The tiny model's config in the form of `family` (one of FAMILIES): the same tower and
-    language model either way, so the same base weights fit both."""
+    language model either way, so either form's base weights fit both."""
     if family not in FAMILIES:
         raise ValueError(f"model.family {family!r}: not one of {FAMILIES}")
     cfg = cfg or TinyModelConfig()
