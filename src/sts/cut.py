@@ -50,7 +50,9 @@ class Cut:
         first = torch.zeros(batch, length, dtype=torch.long, device=owners.device)
         first[rows, new_index[rows, columns]] = columns
         flat = (torch.arange(batch, device=owners.device)[:, None] * length + target)[live]
-        sizes = torch.zeros(batch * length, device=owners.device).index_add_(0, flat, torch.ones(len(flat)))
+        sizes = torch.zeros(batch * length, device=owners.device).index_add_(
+            0, flat, torch.ones_like(flat, dtype=torch.float)
+        )
         return cls(target, first, sizes.view(batch, length))
 
     def to(self, device) -> Cut:
@@ -106,9 +108,9 @@ class UnitPlan:
     @classmethod
     def of(cls, groups: torch.Tensor) -> UnitPlan:
         live, n = groups >= 0, len(groups)
-        kept = int(groups.max()) + 1 if live.any() else 0
+        kept = int(groups.max()) + 1  # every strategy keeps at least one token (`kept_count`)
         first = torch.full((kept,), n).scatter_reduce(0, groups[live], torch.arange(n)[live], "amin")
-        return cls(live, first[groups.clamp(min=0)] if kept else torch.zeros_like(groups), kept)
+        return cls(live, first[groups.clamp(min=0)], kept)
 
     def owners(self, candidates: torch.Tensor) -> torch.Tensor:
         """For each of the unit's (ascending) candidate positions, its group's first position, or -1."""

@@ -37,7 +37,7 @@ from transformers import get_cosine_schedule_with_warmup
 
 from sts.cli.data.collate import Collator
 from sts.cli.data.dataset import LlavaDataset
-from sts.cli.data.synth import COLOURS, GRID, IMAGE_SIZE, SHAPES, answer_words, generate, side_of
+from sts.cli.data.synth import COLOURS, GRID, SHAPES, answer_words, generate, side_of
 from sts.cli.models.tiny import (
     ANYRES_TILES,
     BASE_WEIGHTS,
@@ -85,8 +85,9 @@ def image_token_cells(model, cfg: TinyModelConfig) -> list[tuple[int, int] | Non
     """The grid cell each of an image's tokens shows, in the model's order; None for the anyres
     form's newline tokens. The anyres order is read off the model's own packing of patch centres
     (base view, then the tiles' rows, each ended by a newline), so it is transformers' layout."""
-    points, image_size = view_points(cfg, family_of(model))
-    if family_of(model) == "llava":
+    family = family_of(model)
+    points, image_size = view_points(cfg, family)
+    if family == "llava":
         return cells_at(points[0], image_size)
     (packed,), _ = model.model.pack_image_features(
         [points.float()], torch.tensor([[image_size, image_size]]), "default", image_newline=torch.tensor([-1.0, -1.0])
@@ -280,7 +281,7 @@ def pretrain_base(
     cfg = TinyModelConfig()
     weights = BASE_WEIGHTS[family]
     start = weights if resume else None if family == "llava" else BASE_WEIGHTS["llava"]
-    image_size = IMAGE_SIZE if family == "llava" else ANYRES_TILES * IMAGE_SIZE
+    image_size = view_points(cfg, family)[1]
     # Three questions of each type per scene: more answers per (costly) scene, faster learning.
     paths = generate(
         out / "data", train=records, test=HELD_OUT_SCENES, seed=seed, questions=15, align=records, image_size=image_size
