@@ -68,6 +68,22 @@ def shipped_scorer(family: str):
     return scorer, processor, view_points(cfg, family)[1]
 
 
+def test_symbolic_tile_tokens_do_not_say_a_side_no_tile_feature_can_carry():
+    """A tile's tower sees that tile alone, so the symbolic scene gives a tile token its cell's colour
+    and shape only; the base view's tokens, seeing the whole image, say the side as well."""
+    scorer, processor, _ = shipped_scorer("llava-next")
+    scene = [{"colour": "red", "shape": "circle", "row": 0, "col": 3}]
+    with torch.no_grad():
+        tokens = scorer.describe([scene])[0]
+        red, circle, right = scorer.embed_tokens(
+            torch.tensor(processor.tokenizer.convert_tokens_to_ids(["red", "circle", "right"]))
+        )
+    base_view_token = scorer.cells.index((0, 3))
+    tile_token = scorer.cells.index((0, 3), 64)
+    torch.testing.assert_close(tokens[base_view_token], red + circle + right)
+    torch.testing.assert_close(tokens[tile_token], red + circle)
+
+
 @pytest.mark.parametrize("family", FAMILIES)
 def test_shipped_base_language_model_answers_every_question_type_from_symbolic_scenes(family, tmp_path):
     """The base LM must already reason over a scene, so the demo's stages only have to teach

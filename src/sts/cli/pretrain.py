@@ -7,11 +7,11 @@ tiny stand-ins, reproducibly, from the synthetic generator:
    cell (colour and shape, or empty) and where it is (row, column), so its features carry
    what a projector needs, as CLIP's do.
 2. **Language model** - trained on *symbolic* scenes: where the image tokens will later be,
-   it reads one learned embedding per patch (cell content + patch position), answers the
-   questions (chat format) and describes the scene (LLaVA's plain caption format, every
-   other batch). It learns to count, compare, name and describe from a scene description,
-   as an LLM learns from text; it has never seen a visual feature. The scene embeddings are
-   thrown away.
+   it reads one embedding per patch (its cell's content, and its side where the patch can
+   know it), answers the questions (chat format) and describes the scene (LLaVA's plain
+   caption format, every other batch). It learns to count, compare, name and describe from a
+   scene description, as an LLM learns from text; it has never seen a visual feature. The
+   scene embeddings are thrown away.
 
 Only these two parts are saved (`sts/assets/tiny-base.safetensors`); the projector of every
 model built from them starts random, so the demo must still teach the model to see.
@@ -198,8 +198,12 @@ def pretrain_vision(model, cfg: TinyModelConfig, batches, steps: int, lr: float)
 
 class SymbolicAnswers:
     """The language model answering from a symbolic scene: each image token's cell written with the
-    LM's own word embeddings (colour + shape + side), or a learned `empty` vector; the anyres form's
-    newline tokens a learned `newline` vector."""
+    LM's own word embeddings (colour + shape, and side where the token can know it), or a learned
+    `empty` vector; the anyres form's newline tokens a learned `newline` vector.
+
+    A token says its object's side only in the base view (the LLaVA form's one view): the tower sees
+    each anyres tile alone, so no tile token's feature can carry it, and an LM taught to read it there
+    answers position at chance from projected tiles. It must read it from the base view or the layout."""
 
     def __init__(
         self, model, cfg: TinyModelConfig, tokenizer, empty: nn.Parameter, newline: nn.Parameter | None = None
@@ -207,6 +211,8 @@ class SymbolicAnswers:
         self.model, self.cfg, self.tokenizer, self.empty, self.newline = model, cfg, tokenizer, empty, newline
         self.cells = image_token_cells(model, cfg)
         self.newlines = torch.tensor([cell is None for cell in self.cells]).unsqueeze(-1)
+        base_view = (cfg.image_size // cfg.patch_size) ** 2  # the first tokens: the base view's patches
+        self.word_counts = [3 if index < base_view else 2 for index in range(len(self.cells))]
         if self.newlines.any() and newline is None:
             raise ValueError("the anyres form's newline tokens need a `newline` vector")
         self.embed_tokens = model.get_input_embeddings()
@@ -216,11 +222,14 @@ class SymbolicAnswers:
 
     def describe(self, scenes) -> torch.Tensor:
         words = [
-            [[] if o is None else [o["colour"], o["shape"], side_of(o["col"])] for o in image]
+            [
+                [] if o is None else [o["colour"], o["shape"], side_of(o["col"])][:count]
+                for o, count in zip(image, self.word_counts)
+            ]
             for image in patch_objects(scenes, self.cells)
         ]
         ids = torch.tensor(
-            [[self.tokenizer.convert_tokens_to_ids(w) if w else [-1] * 3 for w in image] for image in words]
+            [[self.tokenizer.convert_tokens_to_ids(w) + [-1] * (3 - len(w)) for w in image] for image in words]
         )
         present = (ids >= 0).unsqueeze(-1)
         described = (self.embed_tokens(ids.clamp(min=0)) * present).sum(2)
