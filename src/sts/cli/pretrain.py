@@ -211,7 +211,7 @@ class SymbolicAnswers:
         self.model, self.cfg, self.tokenizer, self.empty, self.newline = model, cfg, tokenizer, empty, newline
         self.cells = image_token_cells(model, cfg)
         self.newlines = torch.tensor([cell is None for cell in self.cells]).unsqueeze(-1)
-        base_view = (cfg.image_size // cfg.patch_size) ** 2  # the first tokens: the base view's patches
+        base_view = view_points(cfg, family_of(model))[0].shape[1]  # the first tokens: the base view's patches
         self.word_counts = [3 if index < base_view else 2 for index in range(len(self.cells))]
         if self.newlines.any() and newline is None:
             raise ValueError("the anyres form's newline tokens need a `newline` vector")
