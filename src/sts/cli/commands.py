@@ -185,7 +185,7 @@ def build_parser() -> argparse.ArgumentParser:
         default="llava-1.5",
         choices=DEMO_PRESETS,
         help="llava-1.5: the tiny LLaVA (64 visual tokens an image); llava-next: the same in LLaVA-NeXT's anyres "
-        "form (336 visual tokens an image; about 35 minutes a seed on 2 CPU cores)",
+        "form (336 visual tokens an image; about 30 minutes a seed on 2 CPU cores)",
     )
     demo.add_argument(
         "--train",

@@ -47,6 +47,14 @@ STS_MAX = [
     "stages.1.vtc={strategy: pool, keep_ratio: 0.25, proportional_attention: true}",
     "lds=null",
 ]
+# Anyres (the llava-next preset): both stages on 2x2 windows of the base view and 4x4 windows of
+# the tiles, which show the same image at twice the resolution; so both views come down to the
+# same grid, each token a window of the image as large as one of `sts-max`'s instruction tokens.
+STS_TILES = [
+    "vtc.tile_keep_ratio=0.0625",
+    "stages.1.vtc={strategy: pool, keep_ratio: 0.25, tile_keep_ratio: 0.0625, proportional_attention: true}",
+    "lds=null",
+]
 RECIPES = {
     "baseline": ["vtc=null", "lds=null"],
     "sts": [],
@@ -60,15 +68,21 @@ RECIPES = {
     # of the pooled tokens (evenly spaced). Five seeds kept `sts-max`'s accuracy (README); the deep
     # layers, most of a step's work, read about 30 tokens a sample here instead of `sts-max`'s 42.
     "sts-deep": [*STS_MAX, "stages.1.vtc.deep_cuts=[[0.34, 0.25]]"],
-    # Anyres (the llava-next preset): both stages on 2x2 windows of the base view and 4x4 windows of
-    # the tiles, which show the same image at twice the resolution; so both views come down to the
-    # same grid, each token a window of the image as large as one of `sts-max`'s instruction tokens.
-    "sts-tiles": [
-        "vtc.tile_keep_ratio=0.0625",
-        "stages.1.vtc={strategy: pool, keep_ratio: 0.25, tile_keep_ratio: 0.0625, proportional_attention: true}",
-        "lds=null",
+    "sts-tiles": STS_TILES,
+    # `sts-tiles` without proportional attention (a pooled tile token weighing 16 to the base view's 4
+    # kept the side of the image, read off the base view, at chance), and a tenth of instruction
+    # tuning's steps on full tokens, each distilling the compressed forward's answers (DualSpeed's
+    # slow mode), which carries counting learnt on pooled tokens over to full ones (README).
+    "sts-tiles-distil": [
+        *STS_TILES,
+        "vtc.proportional_attention=false",
+        "stages.1.vtc.proportional_attention=false",
+        "stages.1.vtc.full_tokens_random_fraction=0.1",
+        "stages.1.vtc.self_distillation=1.0",
     ],
 }
+# The same with a fifth of instruction tuning's steps on full tokens: more accuracy for less speed.
+RECIPES["sts-tiles-distil-20"] = [*RECIPES["sts-tiles-distil"], "stages.1.vtc.full_tokens_random_fraction=0.2"]
 EQUAL_TIME = "baseline-equal-time"
 
 
@@ -92,7 +106,7 @@ PRESETS = {
         # seeds), with these 0.84; on the anyres form's own base (2026-11-29), 0.95 (README).
         ("model.family=llava-next", "stages.0.max_steps=200", "stages.1.max_steps=400"),
         image_size=2 * IMAGE_SIZE,
-        recipes=("baseline", "sts", "sts-tiles"),
+        recipes=("baseline", "sts-tiles-distil", "sts-tiles-distil-20"),
     ),
 }
 
