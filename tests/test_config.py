@@ -70,7 +70,7 @@ def test_demo_recipe_selection_defines_variants_and_always_runs_the_baseline():
     from sts.cli.demo import RECIPES, select_recipes
 
     assert list(select_recipes(None)) == ["baseline", "sts", "sts-full-tail"]
-    assert list(select_recipes(None, "llava-next")) == ["baseline", "sts-tiles-distil", "sts-tiles-distil-20"]
+    assert list(select_recipes(None, "llava-next")) == ["baseline", "sts-tiles-tail", "sts-tiles-tail-5"]
     assert all(recipe == RECIPES[name] for name, recipe in select_recipes(None, "llava-next").items())
     assert select_recipes(["sts-deep"])["sts-deep"] == RECIPES["sts-deep"], "a shipped recipe beyond the defaults"
     with pytest.raises(ConfigError, match="--preset 'llava-2'"):

@@ -254,6 +254,7 @@ def test_a_few_sts_train_steps_run(family, images, tmp_path):
     "recipe, name",
     [
         ("llava-1.5", "LlavaForConditionalGeneration"),
+        ("llava-next", "LlavaNextForConditionalGeneration"),
         ("llava-onevision", "LlavaOnevisionForConditionalGeneration"),
         ("qwen2.5-vl", "Qwen2_5_VLForConditionalGeneration"),
     ],
