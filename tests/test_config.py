@@ -111,3 +111,16 @@ def test_a_stage_block_may_not_name_stages(tmp_path):
 def test_dropping_steps_is_refused_where_deepspeed_owns_the_optimizer(tmp_path):
     with pytest.raises(ConfigError, match="stages.0.on_nonfinite_loss"):
         load_recipe(write(tmp_path, GOOD), ["distributed=zero3", "stages.0.on_nonfinite_loss=skip"])
+
+
+def test_shipped_anyres_recipe_carries_the_measured_demo_recipe(tmp_path):
+    """`sts train llava-next` compresses each stage as `sts-tiles-tail` did on the anyres scale
+    model, so the README's figures describe what a user of the shipped recipe runs."""
+    from sts.cli.demo import PRESETS, RECIPES
+
+    (tmp_path / "config.json").write_text("{}")
+    shipped = load_recipe("llava-next", [f"model.path={tmp_path}"])
+    measured = load_recipe("demo", [*RECIPES["sts-tiles-tail"], *PRESETS["llava-next"].overrides])
+    for real, demo in zip(shipped.stages, measured.stages, strict=True):
+        assert shipped.sts_for(real).vtc == measured.sts_for(demo).vtc
+        assert shipped.sts_for(real).lds is None and measured.sts_for(demo).lds is None
