@@ -151,13 +151,21 @@ def test_the_flops_geometry_keeps_what_the_compressor_keeps(name):
     samples = draw_samples("instruct", 30, 3, False, torch.Generator())
     batch = synthetic_batch(layout, samples, torch.Generator().manual_seed(0))
     model = AutoModelForImageTextToText.from_config(spec.config).train()
-    for strategy, ratio, tile_ratio in [("pool", 0.25, None), ("uniform", 0.5, None), ("pool", 0.25, 0.0625)]:
-        sts.apply_sts(model, {"vtc": {"strategy": strategy, "keep_ratio": ratio, "tile_keep_ratio": tile_ratio}})
+    for vtc in [
+        {"strategy": "pool", "keep_ratio": 0.25},
+        {"strategy": "uniform", "keep_ratio": 0.5},
+        {"strategy": "pool", "keep_ratio": 0.25, "tile_keep_ratio": 0.0625},
+        {"strategy": "pool", "keep_ratio": 0.25, "tile_keep_ratio": 0.0625, "merge_newlines": True},
+        {"strategy": "uniform", "keep_ratio": 0.25, "merge_newlines": True},
+    ]:
+        sts.apply_sts(model, {"vtc": vtc})
         sts.set_progress(model, 0, 10)
         model(**batch)
         stats = sts.step_stats(model)
         assert stats["visual_tokens_in"] == 3 * layout.geometry.tokens()
-        assert stats["visual_tokens_kept"] == 3 * layout.geometry.kept(strategy, ratio, tile_ratio), strategy
+        assert stats["visual_tokens_kept"] == 3 * layout.geometry.kept(
+            vtc["strategy"], vtc["keep_ratio"], vtc.get("tile_keep_ratio"), vtc.get("merge_newlines", False)
+        ), vtc
         sts.remove_sts(model)
 
 
@@ -177,3 +185,4 @@ def test_anyres_7b_training_has_more_to_gain_than_llava_15s():
     geometry = ImageLayout(preset("llava-next-7b").config, (672, 672)).geometry
     assert geometry.kept("pool", 0.25) == 12 * 12 + 24 * 24 + 48, "each grid pooled 2 x 2, the 48 newlines kept"
     assert geometry.kept("pool", 0.25, 0.0625) == 12 * 12 + 12 * 12 + 48, "the tiles pooled to the base's grid"
+    assert geometry.kept("pool", 0.25, 0.0625, True) == 12 * 12 + 12 * 12 + 12, "a newline for each pooled row"

@@ -103,6 +103,39 @@ def test_every_newline_survives_compression(family, strategy):
         assert torch.equal(new_positions[(new_embeds == newline).all(-1)], old_newlines)
 
 
+@pytest.mark.parametrize("strategy", ["pool", "uniform", "random"])
+def test_merged_newlines_close_each_row_of_kept_tile_tokens(family, strategy):
+    """With `merge_newlines`, the tiles read as a smaller grid: one newline after each row of kept tokens
+    (the row end of the last original row before the next one), where every newline is otherwise kept."""
+    model, batch = family
+    newline = model.model.image_newline
+    config = {"strategy": strategy, "keep_ratio": 0.25, "merge_newlines": True}
+    cut = language_model_inputs(model, batch, {"vtc": config})
+    fewer = 0
+    for row, image_size in enumerate(batch["image_sizes"]):
+        (rows, cols), start = tile_grid(model, image_size), tile_start(model, batch, row)
+        positions, embeds = received(cut, row, cut["attention_mask"])
+        in_tiles = (positions >= start) & (positions < start + rows * (cols + 1))
+        grid_rows = ((positions[in_tiles] - start) // (cols + 1)).tolist()
+        is_newline = (positions[in_tiles] - start) % (cols + 1) == cols
+        assert torch.allclose(embeds[in_tiles][is_newline], newline.expand(int(is_newline.sum()), -1))
+        is_newline = is_newline.tolist()
+        assert is_newline[-1]
+        bands, band = [], []
+        for grid_row, closes in zip(grid_rows, is_newline):
+            if closes:
+                assert band and all(r <= grid_row for r in band), "a newline closes the rows of kept tokens before it"
+                assert not bands or min(band) > bands[-1][1], "and no row of the next band"
+                bands.append((band, grid_row))
+                band = []
+            else:
+                band.append(grid_row)
+        first_rows = [min(kept) for kept, _ in bands]
+        assert [end for _, end in bands] == [r - 1 for r in first_rows[1:]] + [rows - 1]
+        fewer += rows - len(bands)
+    assert fewer > 0, "some rows' newlines were merged"
+
+
 @pytest.mark.parametrize("strategy", ["uniform", "pool"])
 def test_grid_strategies_keep_and_pool_on_the_2d_tile_grid(family, strategy):
     model, batch = family

@@ -36,6 +36,13 @@ class VTCConfig(Strict):
         "scale what the base view shows whole; None: the tiles keep what the base view keeps (keep_ratio and "
         "its schedule). 0.0625 with keep_ratio 0.25 pools the 2 x 2 tiles to the base view's pooled grid",
     )
+    merge_newlines: bool = Field(
+        default=False,
+        description="anyres tiles: the newlines closing rows whose kept tokens went into one row of kept tokens "
+        "(rows pooled together) become one newline, standing for them, after that row; so 4 x 4 windows of a "
+        "16-row tile grid keep 4 newlines, not 16, as the grid would have at a quarter of the resolution. False: "
+        "every newline is kept",
+    )
     deep_cuts: list[tuple[float, float]] = Field(
         default=[],
         description="[[depth, keep_ratio], ...]: inside the language model, from the layer at each depth (a "

@@ -7,9 +7,10 @@ values: the compressor's config, the adapter, the keep ratio, the seed parts of 
 the inputs; STS's wiring (`sts.patch`) calls it from a pre-hook on the language model.
 
 How [B, L] becomes a shorter [B, L']: every old position either goes to one new position or is
-dropped. A new position holds one old token (a selection) or several (a pooled window): float
-tensors take the mean of what it holds, integer ones (ids, labels, 1-D or 3-D positions, masks)
-the values of its first old token. One `Cut` is applied alike to everything indexed by sequence position, and to tensors
+dropped. A new position holds one old token (a selection) or several (a pooled window, or merged
+row-end newlines): float tensors take the mean of what it holds, integer ones (ids, labels, 1-D or
+3-D positions, masks) the values of the old token it stands at (a window's first, the newlines'
+last). One `Cut` is applied alike to everything indexed by sequence position, and to tensors
 indexed by visual token (e.g. DeepStack features), so nothing can fall out of step.
 """
 
@@ -33,13 +34,13 @@ IGNORE_INDEX = -100  # the label the loss leaves out (transformers' convention)
 @dataclass
 class Cut:
     target: torch.Tensor  # [B, L]: the new position of each old one, -1 if dropped
-    first: torch.Tensor  # [B, L']: the first old position each new one holds (0 on padding)
+    first: torch.Tensor  # [B, L']: the old position each new one stands at (its first; 0 on padding)
     sizes: torch.Tensor  # [B, L']: how many old positions each new one holds (0 on padding)
 
     @classmethod
     def from_owners(cls, owners: torch.Tensor) -> Cut:
-        """owners [B, L]: for each old position, the first old position of the new token it goes
-        into (itself for a token kept alone), or -1 if dropped."""
+        """owners [B, L]: for each old position, the old position the new token it goes into stands
+        at (itself for a token kept alone; a group's first, or merged row ends' last), or -1 if dropped."""
         batch, old_length = owners.shape
         anchors = owners == torch.arange(old_length, device=owners.device)  # each new token's first old one
         new_index = anchors.cumsum(1) - 1  # the new position of each anchor
@@ -116,6 +117,21 @@ class UnitPlan:
         """For each of the unit's (ascending) candidate positions, its group's first position, or -1."""
         return torch.where(self.live, candidates[self.anchor], -1)
 
+    def band_starts(self, cols: int) -> torch.Tensor:
+        """The grid rows (ascending) where a kept token's group begins: each starts a band of rows
+        whose kept tokens the language model reads as one row."""
+        return torch.unique(self.anchor[self.live] // cols)
+
+    def row_end_owners(self, grid: tuple[int, int], ends: torch.Tensor) -> torch.Tensor:
+        """For each row's closing token (`ends`: ascending positions, one per grid row), the position
+        of the one it merges into: the last of its band's, which comes after all the band's kept tokens
+        and before the next band's (rows above the first band join it)."""
+        rows, cols = grid
+        starts = self.band_starts(cols)
+        band = (torch.searchsorted(starts, torch.arange(rows), right=True) - 1).clamp(min=0)
+        last = torch.cat([starts[1:] - 1, torch.tensor([rows - 1])])
+        return ends[last[band]]
+
 
 @functools.lru_cache(maxsize=256)
 def grid_plan(strategy: str, grid: tuple[int, int], keep_ratio: float) -> UnitPlan:
@@ -190,6 +206,11 @@ def cut_batch(
                 plan = UnitPlan.of(compress(vtc.strategy, unit_features, unit.grid, ratio, context).cpu())
             owners[row, candidates] = plan.owners(candidates)
             kept_visual += len(positions) - len(candidates) + plan.kept
+            if vtc.merge_newlines and unit.row_ends is not None:
+                ends = positions[unit.row_ends.cpu()]
+                merged = plan.row_end_owners(tuple(map(int, unit.grid)), ends)
+                owners[row, ends] = merged
+                kept_visual -= len(ends) - len(torch.unique(merged))
             unit_index += 1
         if len(slots) and not features.get(modality.name):
             raise ValueError(

@@ -40,12 +40,14 @@ class Unit:
     """What the compressor sees at once: `size` consecutive placeholder tokens of one modality.
     Of these, `candidates` (indices into the unit, row-major over `grid`; None: all) are on a
     rows x cols grid and may be dropped or pooled; the others (e.g. row-end newlines) are kept.
-    `tiles`: a finer view of an image that another unit shows whole (anyres tiles)."""
+    `tiles`: a finer view of an image that another unit shows whole (anyres tiles).
+    `row_ends`: the indices of the tokens that close each of the grid's rows (anyres newlines), if any."""
 
     size: int
     grid: tuple[int, int]
     candidates: torch.Tensor | None = None
     tiles: bool = False
+    row_ends: torch.Tensor | None = None
 
 
 class StandIn(nn.Module):

@@ -7,9 +7,9 @@ one grid, unpadded to the image's aspect ratio (OneVision: shrunk bilinearly whe
 (OneVision's multi-image samples) is the base grid then one newline.
 
 Units: the base grid, and the tile grid whose newlines are never candidates: they are few, and
-they tell the language model where rows end, as at inference. The tile grid is read from the
-features themselves (rows = its newline tokens), so it follows whatever unpadding, interpolation
-and pinpoints the model used.
+they tell the language model where rows end, as at inference (`vtc.merge_newlines` merges those of
+rows pooled together). The tile grid is read from the features themselves (rows = its newline
+tokens), so it follows whatever unpadding, interpolation and pinpoints the model used.
 
 OneVision's videos are left uncompressed: only images are a modality here, so video tokens reach
 the language model as they are (and `text_guided` does not take them for instruction text).
@@ -73,4 +73,5 @@ def anyres_units(features: torch.Tensor, side: int, newline: torch.Tensor) -> li
         )
     if cols == 0:
         return [Unit(base + 1, (side, side), torch.arange(base))]
-    return [Unit(base, (side, side)), Unit(len(tiles), (rows, cols), (~is_newline).nonzero().flatten(), tiles=True)]
+    candidates, row_ends = (~is_newline).nonzero().flatten(), is_newline.nonzero().flatten()
+    return [Unit(base, (side, side)), Unit(len(tiles), (rows, cols), candidates, tiles=True, row_ends=row_ends)]

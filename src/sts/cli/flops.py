@@ -11,6 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from sts.cli.recipes import RecipeConfig
+from sts.cut import grid_plan
 from sts.deep import cut_layers
 from sts.lds import expected_skips
 from sts.vtc import kept_tokens
@@ -180,24 +181,27 @@ def samples_step_flops(
 @dataclass(frozen=True)
 class ImageGeometry:
     """One image as the language model and the compressor see it: the grids of its units (a fixed
-    tower's one grid; anyres: the base view, and the tiles' grid, a finer view of the same image),
-    the visual tokens no compressor takes (anyres rows' newlines), and the images the vision tower
+    tower's one grid; anyres: the base view, and the tiles' grid, a finer view of the same image,
+    each of whose rows ends in a newline that no compressor takes), and the images the vision tower
     encodes for it."""
 
     grids: tuple[tuple[int, int], ...]
-    fixed_tokens: int = 0
     tower_images: int = 1
     tiles: tuple[tuple[int, int], ...] = ()
 
     def tokens(self) -> int:
-        return sum(rows * cols for rows, cols in self.grids + self.tiles) + self.fixed_tokens
+        return sum(rows * cols for rows, cols in self.grids) + sum(rows * (cols + 1) for rows, cols in self.tiles)
 
-    def kept(self, strategy: str, keep_ratio: float, tile_keep_ratio: float | None = None) -> int:
+    def kept(
+        self, strategy: str, keep_ratio: float, tile_keep_ratio: float | None = None, merge_newlines: bool = False
+    ) -> int:
         tile_ratio = keep_ratio if tile_keep_ratio is None else tile_keep_ratio
-        return (
-            sum(kept_tokens(strategy, grid, keep_ratio) for grid in self.grids)
-            + sum(kept_tokens(strategy, grid, tile_ratio) for grid in self.tiles)
-            + self.fixed_tokens
+
+        def newlines(grid: tuple[int, int]) -> int:
+            return grid_plan(strategy, grid, tile_ratio).band_starts(grid[1]).numel() if merge_newlines else grid[0]
+
+        return sum(kept_tokens(strategy, grid, keep_ratio) for grid in self.grids) + sum(
+            kept_tokens(strategy, grid, tile_ratio) + newlines(grid) for grid in self.tiles
         )
 
 
@@ -239,7 +243,10 @@ def recipe_flops(
         def compressed(teacher: bool = False) -> float:
             vtc = sts.vtc
             return sum(
-                share * per_sample(geometry.kept(vtc.strategy, ratio, vtc.tile_keep_ratio), vtc.deep_cuts, teacher)
+                share
+                * per_sample(
+                    geometry.kept(vtc.strategy, ratio, vtc.tile_keep_ratio, vtc.merge_newlines), vtc.deep_cuts, teacher
+                )
                 for share, ratio in vtc.phases()
             )
 

@@ -129,9 +129,7 @@ def image_geometry(config, size: tuple[int, int]) -> ImageGeometry:
         rows, cols = height // tile * side, width // tile * side
         # the base view, then the tiles' grid with a newline closing each of its rows (nothing is
         # unpadded: the image fills its pinpoint)
-        return ImageGeometry(
-            ((side, side),), fixed_tokens=rows, tower_images=1 + rows * cols // side**2, tiles=((rows, cols),)
-        )
+        return ImageGeometry(((side, side),), tower_images=1 + rows * cols // side**2, tiles=((rows, cols),))
     if hasattr(config, "vision_start_token_id"):  # Qwen-VL: merged patches
         unit = vision.patch_size * vision.spatial_merge_size
         if height % unit or width % unit:
