@@ -16,6 +16,8 @@ Recipes (overrides of the shipped `demo` recipe):
 - `sts-full-tail`: `sts-max` with alignment's last tenth on full tokens, the steadier over seeds;
 - `sts-tiles-tail` (the llava-next preset's): both views pooled to one grid in both stages,
   alignment ending on full tokens, instruction tuning distilling into full-token steps;
+- `sts-tiles-merged` (the llava-next preset's too): the same, with one newline for each row of
+  pooled tile tokens instead of one for each row of the tiles;
 - `baseline-equal-time`: no STS, each stage cut to as many steps as fit in the time the
   fastest STS recipe took for it on the same seed: does sparse training beat training less?
 """
