@@ -42,7 +42,7 @@ class Cut:
         """owners [B, L]: for each old position, the old position the new token it goes into stands
         at (itself for a token kept alone; a group's first, or merged row ends' last), or -1 if dropped."""
         batch, old_length = owners.shape
-        anchors = owners == torch.arange(old_length, device=owners.device)  # each new token's first old one
+        anchors = owners == torch.arange(old_length, device=owners.device)  # the old one each new token stands at
         new_index = anchors.cumsum(1) - 1  # the new position of each anchor
         length = max(1, int(anchors.sum(1).max()))
         live = owners >= 0
