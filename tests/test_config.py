@@ -70,7 +70,7 @@ def test_demo_recipe_selection_defines_variants_and_always_runs_the_baseline():
     from sts.cli.demo import RECIPES, select_recipes
 
     assert list(select_recipes(None)) == ["baseline", "sts", "sts-full-tail"]
-    assert list(select_recipes(None, "llava-next")) == ["baseline", "sts-tiles-merged", "sts-tiles-tail"]
+    assert list(select_recipes(None, "llava-next")) == ["baseline", "sts-tiles-base-tail", "sts-tiles-merged"]
     assert all(recipe == RECIPES[name] for name, recipe in select_recipes(None, "llava-next").items())
     assert select_recipes(["sts-deep"])["sts-deep"] == RECIPES["sts-deep"], "a shipped recipe beyond the defaults"
     with pytest.raises(ConfigError, match="--preset 'llava-2'"):
@@ -114,13 +114,13 @@ def test_dropping_steps_is_refused_where_deepspeed_owns_the_optimizer(tmp_path):
 
 
 def test_shipped_anyres_recipe_carries_the_measured_demo_recipe(tmp_path):
-    """`sts train llava-next` compresses each stage as `sts-tiles-merged` did on the anyres scale
+    """`sts train llava-next` compresses each stage as `sts-tiles-base-tail` did on the anyres scale
     model, so the README's figures describe what a user of the shipped recipe runs."""
     from sts.cli.demo import PRESETS, RECIPES
 
     (tmp_path / "config.json").write_text("{}")
     shipped = load_recipe("llava-next", [f"model.path={tmp_path}"])
-    measured = load_recipe("demo", [*RECIPES["sts-tiles-merged"], *PRESETS["llava-next"].overrides])
+    measured = load_recipe("demo", [*RECIPES["sts-tiles-base-tail"], *PRESETS["llava-next"].overrides])
     for real, demo in zip(shipped.stages, measured.stages, strict=True):
         assert shipped.sts_for(real).vtc == measured.sts_for(demo).vtc
         assert shipped.sts_for(real).lds is None and measured.sts_for(demo).lds is None
