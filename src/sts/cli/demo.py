@@ -88,7 +88,7 @@ STS_TILES_TAIL = [
 STS_TILES_MERGED = [*STS_TILES_TAIL, "vtc.merge_newlines=true", "stages.1.vtc.merge_newlines=true"]
 # `sts-tiles-merged` with alignment's last tenth reading the base view whole and the tiles still pooled,
 # at a third of a full-token step's cost: the side of the image, which that tail is for, is read off the
-# base view. Three seeds: retention 1.007 (no seed below 0.985), 4.12x measured (README).
+# base view. Three seeds: retention 1.007 (no seed below 0.985); 4.12x and 3.97x measured in two runs (README).
 STS_TILES_BASE_TAIL = [*STS_TILES_MERGED, "vtc.full_tokens_final_fraction=0.0", "vtc.keep_ratio_schedule=[[0.9, 1.0]]"]
 RECIPES = {
     "baseline": ["vtc=null", "lds=null"],
